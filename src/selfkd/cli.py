@@ -1,0 +1,134 @@
+"""The ``selfkd`` command line: ``train``, ``eval`` and ``list``.
+
+Errors a user can fix print one line (``error: ...``) and exit with status 2; an interrupted
+run prints how to resume it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from selfkd.errors import SelfKDError
+
+SUMMARY_KEYS = [
+    ("top1_err", "Top-1 err (%)"),
+    ("top5_err", "Top-5 err (%)"),
+    ("macro_f1", "Macro-F1 (%)"),
+    ("nll", "NLL"),
+    ("ece", "ECE (%)"),
+    ("ece_ts", "ECE+TS (%)"),
+    ("aurc", "AURC (x1000)"),
+]
+
+
+def results_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """A Markdown table of final metrics, one row per (label, final.json dict)."""
+    present = [(k, title) for k, title in SUMMARY_KEYS
+               if any(r.get(f"test_{k}") is not None for _, r in rows)]
+    lines = ["| run | " + " | ".join(t for _, t in present) + " |",
+             "|---|" + "---|" * len(present)]
+    for label, r in rows:
+        cells = []
+        for key, _ in present:
+            value = r.get(f"test_{key}")
+            cells.append("-" if value is None else f"{value:.4f}" if key == "nll" else f"{value:.2f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from selfkd.config import load_config
+    from selfkd.engine.rundir import RunDir
+    from selfkd.engine.runner import phase1_run_dir, train
+
+    cfg = load_config(args.config, args.set)
+    run_path = Path(cfg.run.out_dir) / cfg.run.name
+    try:
+        final = train(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the last finished epoch is saved in {run_path}/checkpoints/last.pt"
+              f"\nresume with: selfkd train --config {args.config}"
+              + "".join(f" --set {s}" for s in args.set) + " --resume", file=sys.stderr)
+        return 130
+    rows = []
+    phase1 = phase1_run_dir(cfg)
+    if phase1 is not None:
+        p1 = RunDir(phase1).read_final()
+        if p1:
+            rows.append((f"phase 1: {p1.get('method', 'ce')} ({phase1})", p1))
+    rows.append((f"{final['method']} ({run_path})", final))
+    print("\nResults on the test split (last epoch):\n")
+    print(results_table(rows))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from selfkd.engine.evaluate import evaluate_run
+
+    result = evaluate_run(args.run_dir, which=args.checkpoint, device=args.device)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(results_table([(f"{args.run_dir} ({args.checkpoint})",
+                              {f"test_{k}": v for k, v in result.items()})]))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from selfkd.data import DATASETS
+    from selfkd.methods import METHODS
+    from selfkd.models import MODELS
+
+    for title, registry in (("methods", METHODS), ("datasets", DATASETS), ("models", MODELS)):
+        print(f"{title}:")
+        for name, doc in registry.describe():
+            print(f"  {name:<20} {doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfkd", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a config (phase 1 first when the method needs it)")
+    p.add_argument("--config", "-c", required=True, help="YAML config file")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=0.05 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run from checkpoints/last.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace a run in the same directory")
+    p.add_argument("--quiet", "-q", action="store_true", help="log to the run directory only")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint on its test split")
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", choices=["last", "best"], default="last")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("list", help="list methods, datasets and models")
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SelfKDError as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

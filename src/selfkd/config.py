@@ -1,0 +1,348 @@
+"""Typed experiment configs: YAML files, dotted ``--set`` overrides and validation.
+
+A config has five sections, each a dataclass below: ``run``, ``data``, ``model``, ``train`` and
+``method``. The ``method`` section holds ``name`` plus that method's own hyper-parameters, which
+the method validates against its ``Params`` dataclass (a method owns its defaults). Every unknown
+key or ill-typed value raises :class:`~selfkd.errors.ConfigError` with a one-line message that
+names the key and the close matches.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from selfkd.errors import ConfigError
+from selfkd.registry import close_matches
+
+
+@dataclass
+class RunConfig:
+    """Where and how a run executes."""
+
+    name: str = "run"
+    out_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    deterministic: bool = False
+    amp: str = "off"  # off | bf16 | fp16 (CUDA only; ignored with a warning on CPU)
+    channels_last: bool = False
+    compile: bool = False
+    progress: str = "auto"  # auto (bar on a terminal, off in CI) | bar | off
+    tensorboard: bool = False
+    best_metric: str = "top1_err"
+    eval_every: int = 1
+    nonfinite: str = "stop"  # stop | skip: what a NaN/Inf loss does
+    max_skipped_steps: int = 20
+
+
+@dataclass
+class DataConfig:
+    """Dataset, subset, loaders and augmentation (see `selfkd list` for datasets)."""
+
+    name: str = "synthetic"
+    root: str | None = None
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    per_class: int | None = None
+    val_size: float = 0
+    split_seed: int = 0
+    workers: int = 0
+    drop_last: bool = False
+    augment: dict[str, Any] = field(default_factory=dict)
+    normalize: dict[str, Any] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """Architecture from the model registry plus its options."""
+
+    name: str = "resnet8"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """Optimizer and schedule (AI-KD paper §4.2 protocol by default)."""
+
+    epochs: int = 300
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "multistep"  # multistep | cosine | constant
+    milestones: list[float] = field(default_factory=lambda: [150, 225])
+    gamma: float = 0.1
+    warmup_epochs: float = 0
+    grad_clip: float | None = None
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "run.device": (),  # free-form, checked when the device is resolved
+    "run.amp": ("off", "bf16", "fp16"),
+    "run.progress": ("auto", "bar", "off"),
+    "run.nonfinite": ("stop", "skip"),
+    "train.optimizer": ("sgd", "adamw"),
+    "train.schedule": ("multistep", "cosine", "constant"),
+}
+
+
+@dataclass
+class Config:
+    """A whole experiment. ``method`` is a plain dict: ``{"name": ..., **hyper-parameters}``."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "ce"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def copy(self) -> Config:
+        return copy.deepcopy(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (int -> float allowed); ConfigError if not."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(
+            f"{key} must be {' or '.join(_type_name(a) for a in args)}, got {value!r}"
+        )
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping (key: value), got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads "5e-4" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix} must be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(
+                f"unknown key {prefix}.{key}{close_matches(str(key), names)}; "
+                f"valid keys: {', '.join(names)}"
+            )
+        full = f"{prefix}.{key}"
+        value = coerce(value, hints[key], full)
+        choices = CHOICES.get(full)
+        if choices and value not in choices:
+            raise ConfigError(
+                f"{full} must be one of {', '.join(choices)}, got {value!r}"
+                f"{close_matches(str(value), list(choices))}"
+            )
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def validate_values(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+    checks = [
+        (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
+        (cfg.train.lr > 0, "train.lr must be positive"),
+        (cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (0 <= cfg.train.momentum < 1, "train.momentum must be in [0, 1)"),
+        (cfg.train.gamma > 0, "train.gamma must be positive"),
+        (cfg.train.warmup_epochs >= 0, "train.warmup_epochs must be >= 0"),
+        (cfg.train.grad_clip is None or cfg.train.grad_clip > 0, "train.grad_clip must be > 0"),
+        (cfg.data.batch_size >= 1, "data.batch_size must be at least 1"),
+        (cfg.data.eval_batch_size >= 1, "data.eval_batch_size must be at least 1"),
+        (cfg.data.workers >= 0, "data.workers must be >= 0"),
+        (cfg.data.per_class is None or cfg.data.per_class >= 1, "data.per_class must be >= 1"),
+        (cfg.data.val_size >= 0, "data.val_size must be >= 0 (a count or a fraction)"),
+        (cfg.run.eval_every >= 1, "run.eval_every must be at least 1"),
+        (bool(cfg.run.name.strip()), "run.name must not be empty"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if cfg.train.schedule == "multistep" and sorted(cfg.train.milestones) != cfg.train.milestones:
+        raise ConfigError("train.milestones must be increasing, e.g. [150, 225]")
+    if "/" in cfg.run.name or cfg.run.name in (".", ".."):
+        raise ConfigError(f"run.name {cfg.run.name!r} must be a plain name, not a path")
+    method = cfg.method
+    if not isinstance(method, dict) or not isinstance(method.get("name"), str):
+        raise ConfigError("method must be a mapping with a 'name', e.g. method: {name: ce}")
+
+
+def config_from_dict(data: Any) -> Config:
+    """Build and validate a :class:`Config` from a nested mapping (as read from YAML)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping with sections run/data/model/train/method, "
+                          f"got {type(data).__name__}")
+    sections = [*SECTIONS, "method"]
+    for key in data:
+        if key not in sections:
+            raise ConfigError(
+                f"unknown config section {key!r}{close_matches(str(key), sections)}; "
+                f"valid sections: {', '.join(sections)}"
+            )
+    kwargs: dict[str, Any] = {
+        name: build_dataclass(cls, data.get(name), name) for name, cls in SECTIONS.items()
+    }
+    method = data.get("method", {"name": "ce"})
+    if isinstance(method, str):
+        method = {"name": method}
+    if not isinstance(method, dict):
+        raise ConfigError(f"method must be a mapping with a 'name', got {method!r}")
+    kwargs["method"] = dict(method)
+    cfg = Config(**kwargs)
+    validate_values(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``key.sub=value`` (value read as YAML) into (["key", "sub"], value)."""
+    if "=" not in text:
+        raise ConfigError(f"--set takes key=value (e.g. train.lr=0.05), got {text!r}")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not key.strip() or any(not p for p in parts):
+        raise ConfigError(f"--set key {key!r} is malformed; use dotted keys like train.lr=0.05")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # keep it as a string; type checking reports if that is wrong
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``key.sub=value`` override applied."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; ``base: other.yaml`` (relative to this file) is merged underneath."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config {path} is not valid YAML{where}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections, not {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: base must be a file name, got {base!r}")
+        data = merge(read_yaml(path.parent / base), data)
+    return data
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: mappings merge key by key, anything else is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "method":
+            out[key] = merge(out[key], value)
+        elif key == "method" and isinstance(value, dict) and isinstance(out.get(key), dict):
+            # a different method replaces the section; the same method merges its parameters
+            same = value.get("name", out[key].get("name")) == out[key].get("name")
+            out[key] = merge(out[key], value) if same else copy.deepcopy(value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or defaults when ``path`` is None) and apply ``--set`` overrides."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data)
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)

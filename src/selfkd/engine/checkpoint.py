@@ -1,0 +1,113 @@
+"""Checkpoints: atomic writes, safe loads (``weights_only=True``), and compatibility checks.
+
+A checkpoint is a dict of tensors and plain Python values only, so ``torch.load`` never has to
+unpickle code. It records the selfkd/torch/torchvision versions, the run's config and a
+fingerprint of the model definition (class name plus every parameter's name and shape); loading
+into a model with another fingerprint is refused with a message saying what differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from selfkd.errors import CheckpointError
+
+FORMAT = "selfkd-checkpoint-1"
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 over the model class and the names and shapes of its parameters and buffers."""
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+    return digest.hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    import torchvision
+
+    import selfkd
+
+    return {"selfkd": selfkd.__version__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__}
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Serialize ``payload`` with torch.save and write it atomically."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **payload}, buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely; CheckpointError for missing, truncated, unsafe or foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        raise CheckpointError(
+            f"refusing to load {path}: it contains objects that weights_only loading does not "
+            f"allow ({first[:160]}); only load checkpoints written by selfkd"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}); "
+            "use an earlier checkpoint or retrain"
+        ) from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a selfkd checkpoint (no '{FORMAT}' marker)")
+    return data
+
+
+def check_compatible(meta: dict[str, Any], model: nn.Module, num_classes: int, what: str) -> None:
+    """Refuse a checkpoint whose model differs from ``model`` (architecture or class count)."""
+    ckpt_classes = meta.get("num_classes")
+    if ckpt_classes is not None and ckpt_classes != num_classes:
+        raise CheckpointError(
+            f"{what} was trained with {ckpt_classes} classes but this run has {num_classes}; "
+            "use a checkpoint trained on the same dataset"
+        )
+    ours = model_fingerprint(model)
+    theirs = meta.get("fingerprint")
+    if theirs is not None and theirs != ours:
+        raise CheckpointError(
+            f"{what} holds model {meta.get('model', '?')!r} "
+            f"(fingerprint {theirs}) but this run builds {meta.get('this_model', type(model).__name__)!r}"
+            f" (fingerprint {ours}); use a checkpoint of the same architecture and options"
+        )

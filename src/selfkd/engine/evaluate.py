@@ -1,0 +1,48 @@
+"""Evaluate a finished (or interrupted) run from its directory: ``selfkd eval RUN_DIR``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from selfkd import metrics as M
+from selfkd.config import load_config
+from selfkd.engine import checkpoint as ckpt
+from selfkd.engine.device import amp_dtype, resolve_device
+from selfkd.engine.rundir import CONFIG
+from selfkd.engine.trainer import collect_logits
+from selfkd.errors import RunDirError
+
+
+def evaluate_run(run_dir: str | Path, which: str = "last", device: str = "auto") -> dict[str, Any]:
+    """Rebuild data and model from RUN/config.yaml, load a checkpoint, return test metrics."""
+    from selfkd.data import build_data
+    from selfkd.models import build_model
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise RunDirError(f"{run_dir} is not a run directory (no {CONFIG}); "
+                          "pass the folder a `selfkd train` run wrote")
+    cfg = load_config(run_dir / CONFIG)
+    dev = resolve_device(device)
+    d = cfg.data
+    data = build_data(name=d.name, root=d.root, batch_size=d.batch_size,
+                      eval_batch_size=d.eval_batch_size, per_class=d.per_class,
+                      val_size=d.val_size, split_seed=d.split_seed, seed=cfg.run.seed,
+                      workers=d.workers, augment=d.augment, normalize=d.normalize,
+                      options=d.options, drop_last=d.drop_last)
+    model = build_model(cfg.model.name, num_classes=data.num_classes,
+                        in_channels=data.in_channels, **cfg.model.options).to(dev)
+    path = run_dir / "checkpoints" / f"{which}.pt"
+    state = ckpt.load_checkpoint(path, map_location=dev)
+    ckpt.check_compatible(state.get("meta", {}), model, data.num_classes, f"checkpoint {path}")
+    model.load_state_dict(state["model"])
+    dtype = amp_dtype(cfg.run.amp, dev)
+    temperature = None
+    if data.val_loader is not None:
+        vlogits, vtargets = collect_logits(model, data.val_loader, data.transform, dev, dtype)
+        temperature = M.fit_temperature(vlogits, vtargets)
+    logits, targets = collect_logits(model, data.test_loader, data.transform, dev, dtype)
+    result = M.evaluate_logits(logits, targets, temperature=temperature)
+    result["epoch"] = state.get("progress", {}).get("epoch")
+    return result

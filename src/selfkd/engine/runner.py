@@ -1,0 +1,103 @@
+"""High-level entry points: train a config end to end, including a method's phase 1.
+
+Methods that learn from a trained model of the same architecture (AI-KD's superior model,
+TF-KD-self's teacher) name that parameter in ``Method.teacher_param``. When its value is
+``auto``, phase 1 is a plain cross-entropy run with the same data, model, schedule and seed; it
+lives in ``<out_dir>/_phase1/<key>``, where ``key`` hashes everything that shapes it, so every
+method and every later run with the same setting reuses one finished phase-1 run (an interrupted
+one is resumed). The teacher is the phase-1 model after its last epoch (no test-set selection).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from selfkd.config import Config
+from selfkd.engine.rundir import RunDir
+from selfkd.engine.trainer import Trainer
+from selfkd.errors import CheckpointError
+from selfkd.methods import Method, build_method
+
+PHASE1_DIR = "_phase1"
+
+
+def phase1_config(cfg: Config) -> Config:
+    """The plain-CE config whose trained model serves as teacher/superior for ``cfg``."""
+    phase1 = cfg.copy()
+    phase1.method = {"name": "ce"}
+    key = phase1_key(phase1)
+    phase1.run.name = f"{cfg.data.name}-{cfg.model.name}-seed{cfg.run.seed}-{key}"
+    phase1.run.out_dir = str(Path(cfg.run.out_dir) / PHASE1_DIR)
+    phase1.run.tensorboard = False
+    return phase1
+
+
+def phase1_key(phase1: Config) -> str:
+    shaping = {
+        "data": phase1.to_dict()["data"],
+        "model": phase1.to_dict()["model"],
+        "train": phase1.to_dict()["train"],
+        "seed": phase1.run.seed,
+        "deterministic": phase1.run.deterministic,
+        "amp": phase1.run.amp,
+    }
+    for key in ("workers",):
+        shaping["data"].pop(key, None)
+    blob = json.dumps(shaping, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def resolve_teacher(cfg: Config, method: Method, *, quiet: bool = False,
+                    log: Any = print) -> str | None:
+    """Make sure the method's phase-1 checkpoint exists; return its path (None if unneeded)."""
+    param = method.teacher_param
+    if param is None or not method.needs_teacher():
+        return None
+    value = getattr(method.params, param)
+    if value != "auto":
+        path = Path(value)
+        if not path.is_file():
+            raise CheckpointError(
+                f"method.{param}: checkpoint {path} not found; give the path of a finished "
+                f"run's checkpoints/last.pt, or set method.{param}=auto to train it"
+            )
+        return str(path)
+    phase1 = phase1_config(cfg)
+    run = RunDir(Path(phase1.run.out_dir) / phase1.run.name)
+    if run.is_finished() and run.last.is_file():
+        log(f"phase 1: reusing the finished plain-CE model in {run.path}")
+    else:
+        resume = run.last.is_file()
+        log(f"phase 1: {'resuming' if resume else 'training'} the plain-CE model in {run.path}")
+        Trainer(phase1, resume=resume, overwrite=not resume, quiet=quiet).fit()
+    setattr(method.params, param, str(run.last))
+    return str(run.last)
+
+
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
+          quiet: bool = False, **trainer_kwargs: Any) -> dict[str, Any]:
+    """Train ``cfg`` (phase 1 first when its method needs it); return the final metrics."""
+    method = build_method(cfg.method)
+    run = RunDir(Path(cfg.run.out_dir) / cfg.run.name)
+    if run.holds_run() and not (resume or overwrite):
+        run.prepare(resume=False, overwrite=False)  # raises RunDirError before phase 1 runs
+    resolve_teacher(cfg, method, quiet=quiet, log=(lambda *_: None) if quiet else print)
+    trainer = Trainer(cfg, method=method, resume=resume, overwrite=overwrite, quiet=quiet,
+                      **trainer_kwargs)
+    return trainer.fit()
+
+
+def phase1_run_dir(cfg: Config) -> Path | None:
+    """Where the phase-1 run of ``cfg`` lives when its method trains one automatically."""
+    method = build_method(cfg.method)
+    if method.teacher_param is None or not method.needs_teacher():
+        return None
+    value = getattr(method.params, method.teacher_param)
+    if value == "auto":
+        phase1 = phase1_config(cfg)
+        return Path(phase1.run.out_dir) / phase1.run.name
+    path = Path(value)
+    return path.parent.parent if path.parent.name == "checkpoints" else None
