@@ -38,8 +38,8 @@ def versions() -> dict[str, str]:
 
     import selfkd
 
-    return {"selfkd": selfkd.__version__, "torch": torch.__version__,
-            "torchvision": torchvision.__version__}
+    return {"selfkd": str(selfkd.__version__), "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__)}
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -80,7 +80,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        found = [ln for ln in lines if "Unsupported" in ln or "global" in ln.lower()]
+        first = (found or lines or ["unsafe content"])[0]
         raise CheckpointError(
             f"refusing to load {path}: it contains objects that weights_only loading does not "
             f"allow ({first[:160]}); only load checkpoints written by selfkd"

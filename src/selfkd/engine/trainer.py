@@ -395,8 +395,8 @@ class Trainer:
         return row
 
     def _nonfinite(self, out: Any, info: StepInfo) -> None:
-        terms = ", ".join(f"{k}={float(v):.4g}" for k, v in out.terms.items())
-        where = (f"non-finite loss {float(out.loss):.4g} at epoch {info.epoch + 1}, "
+        terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.terms.items())
+        where = (f"non-finite loss {float(out.loss.detach()):.4g} at epoch {info.epoch + 1}, "
                  f"step {info.step + 1} (global step {info.global_step}); terms: {terms}")
         if self.cfg.run.nonfinite == "skip" and self.skipped_steps < self.cfg.run.max_skipped_steps:
             self.skipped_steps += 1

@@ -1,6 +1,6 @@
 """Self-KD methods: one module per method, all registered in :data:`METHODS`."""
 
-from selfkd.methods import ce  # noqa: F401  (registers the method)
+from selfkd.methods import aikd, ce  # noqa: F401  (registers the methods)
 from selfkd.methods.base import (
     METHODS,
     Batch,

@@ -1,0 +1,485 @@
+"""AI-KD: adversarial learning and implicit regularization for self-KD.
+
+Kim, Suh et al., "AI-KD: Adversarial learning and Implicit regularization for self-Knowledge
+Distillation", Knowledge-Based Systems 2024 (arXiv 2211.10938). No official code exists; the
+decisions below are ours (SPEC §1, research/official-code-notes.md §8).
+
+Two phases (paper §3.1, figure 2):
+
+1. Train the *superior* model S_sup: same architecture, data and schedule, plain CE.
+2. Train the student S_t from scratch with (paper eq. (8), (4), (5), (7))::
+
+       L_AI = α_CE·CE(z_t, y) + α_G·L_G + α_P·L_P + ω·L_A
+       L_G  = τ_G²·KL(p_sup(τ_G) ‖ p_t(τ_G))      guide: the superior model's knowledge
+       L_P  = τ_P²·KL(p_{t−1}(τ_P) ‖ p_t(τ_P))    progressive: previous-epoch predictions
+       L_A  = −mean D(z_t)                        adversarial: fool the critic
+
+   while a critic D is trained each step with the WGAN-GP loss (paper eq. (6))::
+
+       L_D = mean D(sg(z_t)) − mean D(z_sup) + λ·mean (‖∇_x̂ D(x̂)‖₂ − 1)²,
+       x̂  = ε·z_sup + (1−ε)·sg(z_t),  ε ~ U(0,1) per sample.
+
+Defaults (``AIKDParams``): α_CE 0.6, α_G 0.1, α_P 0.3 (paper table 6), ω 0.1 (table 5), τ_G 3,
+τ_P 1 (figure 7b), λ 10 and critic Adam lr 1e-4 (§4.2), critic FC 64 → 32 (§4.2, figure 7a).
+The critic's Adam betas (0.5, 0.9) are the WGAN-GP convention (Gulrajani et al. 2017); the
+paper gives none. n_critic 1 (one critic update per student step; the paper gives none).
+
+Decisions (SPEC §1):
+
+- **Critic** (:mod:`selfkd.methods.critic`): Linear(K→64) → norm → LeakyReLU(0.2) →
+  Linear(64→32) → LeakyReLU(0.2) → Linear(32→1). The paper stops at FC(32); a Wasserstein critic
+  needs one score, hence the final layer. ``critic_norm``: ``batchnorm`` (paper, default),
+  ``layernorm`` or ``none`` (BatchNorm couples samples, which the per-sample gradient penalty
+  does not assume). ``critic_input``: ``logits`` (paper §4.2) or ``probs`` (softmax, both sides).
+- **Step order**: forward the student (with grad) and the superior (eval mode, ``no_grad``, same
+  augmented batch); take the previous-epoch predictions; update the critic ``n_critic`` times on
+  detached float32 inputs with its own Adam optimizer and autocast disabled (mixed-precision
+  safe); a non-finite critic loss raises :class:`~selfkd.errors.TrainingError` naming the global
+  step; then compute L_AI with the critic frozen (no parameter gradient, eval mode: a BatchNorm
+  critic scores the student with its running statistics) and return it for the engine to step.
+- **Critic batches**: real, fake and interpolated samples go through the critic in one forward
+  (shared BatchNorm statistics, see :func:`selfkd.losses.wgan_critic_loss`). A BatchNorm critic
+  cannot train on a batch of one sample: such a step skips the critic update and the adversarial
+  term (warned once) and reports the term ``adv_skipped = 1`` (0 on normal steps).
+- **Previous-epoch predictions** ``prev_source``: ``bank`` (default) keeps per-sample
+  log-probabilities of the previous epoch's training forward (augmented input, train-mode BN,
+  weights before the step) in a :class:`~selfkd.banks.PredictionBank` (``bank_dtype``, fp16 by
+  default), as PS-KD does; ``snapshot`` keeps a frozen copy of the weights at the end of epoch
+  t−1 and runs it (eval mode, ``no_grad``) on the current batch: the literal reading of the
+  paper, one extra forward per step. Epoch 0 has no previous model: both start from the one-hot
+  labels (L_P is then τ_P²·CE at temperature τ_P).
+- **Ablations** ``ablation`` (paper table 4): ``no_adv`` → ω = 0; ``only_guide`` → α_P = 0,
+  ω = 0; ``only_progressive`` → α_G = 0, ω = 0 (needs no superior model). Under an ablation the
+  given ``alpha_ce`` is replaced by 1 − α_G − α_P, the weighting of eq. (8). Without one the
+  weights are used as given; a sum α_CE + α_G + α_P ≠ 1 is warned about, not renormalized.
+- **Superior**: ``superior`` is a phase-1 checkpoint path or ``auto`` (the engine trains or reuses
+  phase 1 and replaces ``auto`` by the path before :meth:`AIKD.setup`). The loaded model stays in
+  eval mode with ``requires_grad=False`` and is not part of the method's parameters or
+  ``state_dict`` (it is held in a plain dict, so ``method.train()`` does not reach it).
+- **State**: the bank and the critic are submodules (in ``state_dict``); the critic's optimizer
+  state and the snapshot weights go through ``get_extra_state`` (tensors, dicts, lists, tuples,
+  numbers and strings only, loadable with ``torch.load(weights_only=True)``). The critic has its
+  own optimizer: :meth:`AIKD.main_optimizer_modules` is empty.
+- Terms logged: ``ce``, ``guide``, ``progressive``, ``adversarial`` (unweighted; a term whose
+  weight is 0 is absent), ``critic_loss``, ``critic_wdist`` (mean D(real) − mean D(fake)),
+  ``critic_gp``, ``adv_skipped`` (when ω > 0) and ``loss`` (the total L_AI).
+- Under DDP every rank keeps its own critic (not synchronised); the bank's ``update`` takes a
+  ``gather`` callable (:attr:`AIKD.gather`) for DDP-consistent rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from selfkd.banks import BANK_DTYPES, Gather, PredictionBank
+from selfkd.errors import ConfigError, ModelError, TrainingError
+from selfkd.losses import aikd_loss, wgan_critic_loss
+from selfkd.methods.base import METHODS, Batch, Method, MethodContext, StepInfo, StepOutput
+from selfkd.methods.critic import CRITIC_NORMS, Critic
+
+__all__ = ["ABLATIONS", "AIKD", "AIKDParams"]
+
+ABLATIONS = ("none", "no_adv", "only_guide", "only_progressive")
+CRITIC_INPUTS = ("logits", "probs")
+PREV_SOURCES = ("bank", "snapshot")
+
+
+@dataclass
+class AIKDParams:
+    """Hyper-parameters of AI-KD (defaults from the paper; see the module docstring)."""
+
+    alpha_ce: float = 0.6
+    alpha_g: float = 0.1
+    alpha_p: float = 0.3
+    omega: float = 0.1
+    tau_g: float = 3.0
+    tau_p: float = 1.0
+    gp_weight: float = 10.0
+    critic_lr: float = 1e-4
+    critic_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    critic_hidden: list[int] = field(default_factory=lambda: [64, 32])
+    critic_norm: str = "batchnorm"
+    critic_input: str = "logits"
+    n_critic: int = 1
+    prev_source: str = "bank"
+    bank_dtype: str = "float16"
+    ablation: str = "none"
+    superior: str = "auto"
+
+    def validate(self) -> None:
+        """Range and choice checks; ConfigError with the offending key."""
+        choices = {
+            "critic_norm": CRITIC_NORMS,
+            "critic_input": CRITIC_INPUTS,
+            "prev_source": PREV_SOURCES,
+            "bank_dtype": tuple(BANK_DTYPES),
+            "ablation": ABLATIONS,
+        }
+        for key, allowed in choices.items():
+            value = getattr(self, key)
+            if value not in allowed:
+                raise ConfigError(
+                    f"method.{key} must be one of {', '.join(allowed)}, got {value!r}"
+                )
+        for key in ("alpha_ce", "alpha_g", "alpha_p", "omega", "gp_weight"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"method.{key} must be a finite number >= 0, got {value}")
+        for key in ("tau_g", "tau_p", "critic_lr"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"method.{key} must be > 0, got {value}")
+        if len(self.critic_betas) != 2 or not all(0 <= b < 1 for b in self.critic_betas):
+            raise ConfigError(
+                f"method.critic_betas must be two numbers in [0, 1), got {self.critic_betas}"
+            )
+        if not self.critic_hidden or any(h < 1 for h in self.critic_hidden):
+            raise ConfigError(
+                f"method.critic_hidden must be a non-empty list of positive sizes, got "
+                f"{self.critic_hidden}"
+            )
+        if self.n_critic < 1:
+            raise ConfigError(f"method.n_critic must be at least 1, got {self.n_critic}")
+        if not isinstance(self.superior, str) or not self.superior.strip():
+            raise ConfigError("method.superior must be 'auto' or a checkpoint path")
+        weights = self.weights()
+        if weights["alpha_ce"] < 0:
+            raise ConfigError(
+                f"method.ablation {self.ablation!r} sets alpha_ce = 1 - alpha_g - alpha_p = "
+                f"{weights['alpha_ce']:.4g} < 0; lower alpha_g/alpha_p"
+            )
+        if not any(v > 0 for v in weights.values()):
+            raise ConfigError("AI-KD needs at least one positive loss weight")
+
+    def weights(self) -> dict[str, float]:
+        """Effective loss weights ``alpha_ce, alpha_g, alpha_p, omega`` after the ablation.
+
+        Ablations of paper table 4; under one, α_CE = 1 − α_G − α_P as in eq. (8).
+        """
+        alpha_g, alpha_p, omega = self.alpha_g, self.alpha_p, self.omega
+        if self.ablation == "none":
+            return {
+                "alpha_ce": self.alpha_ce,
+                "alpha_g": alpha_g,
+                "alpha_p": alpha_p,
+                "omega": omega,
+            }
+        omega = 0.0
+        if self.ablation == "only_guide":
+            alpha_p = 0.0
+        elif self.ablation == "only_progressive":
+            alpha_g = 0.0
+        return {
+            "alpha_ce": 1.0 - alpha_g - alpha_p,
+            "alpha_g": alpha_g,
+            "alpha_p": alpha_p,
+            "omega": omega,
+        }
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Autocast disabled for ``device`` (a no-op where autocast does not exist)."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except (RuntimeError, ValueError):  # pragma: no cover - exotic device types
+        return contextlib.nullcontext()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        for name in ("module", "_orig_mod"):
+            inner = getattr(model, name, None)
+            if isinstance(inner, nn.Module):
+                model = inner
+                break
+        else:
+            return model
+
+
+def _clone_state(value: Any) -> Any:
+    """Deep copy of a state made of tensors, dicts, lists, tuples and scalars (no aliasing)."""
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _clone_state(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clone_state(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_clone_state(v) for v in value)
+    return value
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _one_hot_log_probs(targets: Tensor, num_classes: int) -> Tensor:
+    """Log-probabilities of one-hot labels: 0 at the label, -inf elsewhere (B×K, float32)."""
+    out = torch.full(
+        (targets.shape[0], num_classes), float("-inf"), device=targets.device, dtype=torch.float32
+    )
+    return out.scatter_(1, targets.long()[:, None], 0.0)
+
+
+@METHODS.register("aikd", "ai-kd")
+class AIKD(Method):
+    """AI-KD: superior-model guide + previous-epoch KD + WGAN-GP adversarial alignment."""
+
+    name = "aikd"
+    Params = AIKDParams
+    teacher_param = "superior"
+
+    critic: Critic | None
+    bank: PredictionBank | None
+
+    def __init__(self, params: AIKDParams | None = None) -> None:
+        super().__init__(params)
+        p: AIKDParams = self.params
+        p.validate()
+        self.weights = p.weights()
+        total = self.weights["alpha_ce"] + self.weights["alpha_g"] + self.weights["alpha_p"]
+        if abs(total - 1.0) > 1e-6:
+            warnings.warn(
+                f"AI-KD weights alpha_ce + alpha_g + alpha_p = {total:.6g} != 1 (paper eq. (8) "
+                "uses alpha_ce = 1 - alpha_g - alpha_p); using them as given",
+                stacklevel=2,
+            )
+        self.critic = None
+        self.bank = None
+        self.critic_optimizer: torch.optim.Optimizer | None = None
+        #: DDP hook for the bank: ``gather(indices, logits) -> (indices, logits)`` of all ranks
+        self.gather: Gather | None = None
+        # frozen models live in a plain dict: not submodules, so not in parameters()/state_dict()
+        # and untouched by method.train()
+        self._frozen: dict[str, nn.Module | None] = {"superior": None, "snapshot": None}
+        self._build_model: Callable[[], nn.Module] | None = None
+        self._device: torch.device | None = None
+        self._num_classes: int | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._is_setup = False
+        self._warned_batch_one = False
+
+    # --- frozen models ----------------------------------------------------------------------
+    @property
+    def superior(self) -> nn.Module | None:
+        """The phase-1 superior model (eval mode, frozen), or None when not needed."""
+        return self._frozen["superior"]
+
+    @property
+    def snapshot(self) -> nn.Module | None:
+        """The end-of-previous-epoch copy of the student (``prev_source: snapshot``)."""
+        return self._frozen["snapshot"]
+
+    def needs_teacher(self) -> bool:
+        return self.weights["alpha_g"] > 0 or self.weights["omega"] > 0
+
+    def train(self, mode: bool = True) -> AIKD:
+        super().train(mode)
+        for model in self._frozen.values():
+            if model is not None:
+                model.eval()
+        return self
+
+    def _apply(self, fn: Any, recurse: bool = True) -> AIKD:
+        # .to()/.cuda() of the method also move the frozen models
+        super()._apply(fn, recurse)
+        for model in self._frozen.values():
+            if model is not None:
+                model._apply(fn, recurse)
+        return self
+
+    # --- life cycle -------------------------------------------------------------------------
+    def setup(self, model: nn.Module, ctx: MethodContext) -> None:
+        p: AIKDParams = self.params
+        self._build_model = ctx.build_model
+        self._device = torch.device(ctx.device)
+        self._num_classes = ctx.num_classes
+        if self.needs_teacher():
+            if p.superior == "auto":
+                raise ConfigError(
+                    "method.superior is 'auto' but no phase-1 checkpoint was resolved before "
+                    "setup; give a checkpoint path or let the engine train phase 1"
+                )
+            self._frozen["superior"] = _freeze(ctx.load_model(p.superior))
+        if self.weights["omega"] > 0:
+            self.critic = Critic(ctx.num_classes, p.critic_hidden, p.critic_norm).to(self._device)
+            self.critic_optimizer = torch.optim.Adam(
+                self.critic.parameters(), lr=p.critic_lr, betas=tuple(p.critic_betas)
+            )
+        if self.weights["alpha_p"] > 0 and p.prev_source == "bank":
+            self.bank = PredictionBank(
+                ctx.num_train, ctx.num_classes, ctx.train_labels, dtype=p.bank_dtype
+            ).to(self._device)
+        self._is_setup = True
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            self._load_extra(state)
+
+    def main_optimizer_modules(self) -> list[nn.Module]:
+        return []
+
+    def training_step(self, model: nn.Module, batch: Batch, info: StepInfo) -> StepOutput:
+        if not self._is_setup:
+            raise RuntimeError("AIKD.setup(model, ctx) must be called before training_step")
+        w = self.weights
+        p: AIKDParams = self.params
+        logits = model(batch.inputs)
+        superior_logits = None
+        if self.needs_teacher():
+            superior = self._frozen["superior"]
+            assert superior is not None
+            if superior.training:
+                superior.eval()
+            with torch.no_grad():
+                superior_logits = superior(batch.inputs)
+            if superior_logits.shape != logits.shape:
+                raise ModelError(
+                    f"the superior model outputs {tuple(superior_logits.shape)} but the student "
+                    f"{tuple(logits.shape)}; phase 1 must use the same model and classes"
+                )
+        prev = self._previous(batch, logits) if w["alpha_p"] > 0 else None
+
+        extra: dict[str, Tensor] = {}
+        adversarial = w["omega"] > 0
+        if adversarial:
+            assert self.critic is not None and superior_logits is not None
+            if self.critic.uses_batchnorm and logits.shape[0] < 2:
+                if not self._warned_batch_one:
+                    warnings.warn(
+                        "AI-KD: a BatchNorm critic cannot train on a batch of one sample; "
+                        "skipping the critic update and the adversarial term for such steps "
+                        "(term adv_skipped = 1)",
+                        stacklevel=2,
+                    )
+                    self._warned_batch_one = True
+                adversarial = False
+                extra["adv_skipped"] = torch.ones((), device=logits.device)
+            else:
+                extra.update(self._update_critic(logits, superior_logits, info))
+                extra["adv_skipped"] = torch.zeros((), device=logits.device)
+
+        with _no_autocast(logits.device):
+            loss, terms = aikd_loss(
+                logits,
+                batch.targets,
+                superior_logits,
+                prev,
+                self.critic if adversarial else None,
+                alpha_ce=w["alpha_ce"],
+                alpha_g=w["alpha_g"],
+                alpha_p=w["alpha_p"],
+                omega=w["omega"] if adversarial else 0.0,
+                tau_g=p.tau_g,
+                tau_p=p.tau_p,
+                critic_input=p.critic_input,
+            )
+        terms = {**terms, **extra, "loss": loss.detach()}
+        return StepOutput(loss=loss, logits=logits, targets=batch.targets, terms=terms)
+
+    def after_optimizer_step(self, model: nn.Module, batch: Batch, out: StepOutput) -> None:
+        # the step's (pre-update) training predictions become next epoch's p_{t-1}
+        if self.bank is not None:
+            self.bank.update(batch.indices, out.logits, gather=self.gather)
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
+        if self.weights["alpha_p"] > 0 and self.params.prev_source == "snapshot":
+            self._refresh_snapshot(_unwrap(model).state_dict(), template=model)
+
+    # --- pieces of a step -------------------------------------------------------------------
+    def _previous(self, batch: Batch, logits: Tensor) -> Tensor:
+        """Previous-epoch predictions for the batch: log-probs (bank) or logits (snapshot)."""
+        if self.params.prev_source == "bank":
+            assert self.bank is not None
+            return self.bank.lookup(batch.indices).to(logits.device, non_blocking=True)
+        snapshot = self._frozen["snapshot"]
+        if snapshot is None:  # epoch 0: no previous model, one-hot labels as the bank
+            return _one_hot_log_probs(batch.targets, logits.shape[1])
+        if snapshot.training:
+            snapshot.eval()
+        with torch.no_grad():
+            return snapshot(batch.inputs)
+
+    def _update_critic(
+        self, logits: Tensor, superior_logits: Tensor, info: StepInfo
+    ) -> dict[str, Tensor]:
+        """n_critic Adam steps of the WGAN-GP critic loss on detached float32 inputs."""
+        critic, optimizer = self.critic, self.critic_optimizer
+        assert critic is not None and optimizer is not None
+        real = superior_logits.detach().float()
+        fake = logits.detach().float()
+        if self.params.critic_input == "probs":
+            real, fake = real.softmax(dim=1), fake.softmax(dim=1)
+        critic.train()
+        with _no_autocast(logits.device), torch.enable_grad():
+            for _ in range(self.params.n_critic):
+                loss, terms = wgan_critic_loss(critic, real, fake, self.params.gp_weight)
+                if not torch.isfinite(loss).item():
+                    raise TrainingError(
+                        f"AI-KD critic loss is {loss.item()} at global step {info.global_step} "
+                        f"(epoch {info.epoch}, step {info.step}); check the logits for NaN/Inf "
+                        "or lower method.critic_lr"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        return {"critic_loss": loss.detach(), **terms}
+
+    # --- snapshot and state -----------------------------------------------------------------
+    def _refresh_snapshot(
+        self, weights: dict[str, Tensor], template: nn.Module | None = None
+    ) -> None:
+        snapshot = self._frozen["snapshot"]
+        if snapshot is None:
+            if self._build_model is not None:
+                snapshot = self._build_model()
+            elif template is not None:
+                snapshot = copy.deepcopy(_unwrap(template))
+            else:
+                raise RuntimeError("AI-KD cannot build a snapshot model before setup")
+            if self._device is not None:
+                snapshot = snapshot.to(self._device)
+            self._frozen["snapshot"] = snapshot
+        snapshot.load_state_dict(weights)
+        _freeze(snapshot)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"version": 1}
+        if self.critic_optimizer is not None:
+            state["critic_optimizer"] = _clone_state(self.critic_optimizer.state_dict())
+        if self.params.prev_source == "snapshot":
+            snapshot = self._frozen["snapshot"]
+            state["snapshot"] = (
+                None if snapshot is None else _clone_state(dict(snapshot.state_dict()))
+            )
+        return state
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict):
+            return
+        if not self._is_setup:  # loaded before setup: applied at the end of setup
+            self._pending_state = state
+            return
+        self._load_extra(state)
+
+    def _load_extra(self, state: dict[str, Any]) -> None:
+        optimizer_state = state.get("critic_optimizer")
+        if optimizer_state is not None and self.critic_optimizer is not None:
+            self.critic_optimizer.load_state_dict(_clone_state(optimizer_state))
+        if self.params.prev_source == "snapshot" and "snapshot" in state:
+            if state["snapshot"] is None:
+                self._frozen["snapshot"] = None
+            else:
+                self._refresh_snapshot(state["snapshot"])

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import pytest
+
+from selfkd.config import apply_overrides, config_from_dict, load_config, parse_override
+from selfkd.errors import ConfigError
+from selfkd.methods import build_method
+
+
+def test_defaults_are_the_paper_protocol():
+    cfg = config_from_dict({})
+    assert cfg.train.epochs == 300 and cfg.train.lr == 0.1 and cfg.train.nesterov
+    assert cfg.train.weight_decay == 5e-4 and cfg.train.milestones == [150, 225]
+    assert cfg.method == {"name": "ce"}
+
+
+def test_unknown_key_names_close_match():
+    with pytest.raises(ConfigError, match=r"train\.epochz.*did you mean: epochs"):
+        config_from_dict({"train": {"epochz": 3}})
+    with pytest.raises(ConfigError, match="unknown config section 'trian'.*train"):
+        config_from_dict({"trian": {}})
+
+
+def test_types_and_choices_are_checked():
+    with pytest.raises(ConfigError, match="train.epochs must be an integer"):
+        config_from_dict({"train": {"epochs": "many"}})
+    with pytest.raises(ConfigError, match="run.amp must be one of"):
+        config_from_dict({"run": {"amp": "fp8"}})
+    with pytest.raises(ConfigError, match="train.lr must be positive"):
+        config_from_dict({"train": {"lr": -1}})
+    # YAML reads 5e-4 as a string; it is still accepted as a number
+    assert config_from_dict({"train": {"weight_decay": "5e-4"}}).train.weight_decay == 5e-4
+
+
+def test_overrides_parse_yaml_values():
+    assert parse_override("train.lr=0.05") == (["train", "lr"], 0.05)
+    assert parse_override("train.milestones=[1, 2]") == (["train", "milestones"], [1, 2])
+    data = apply_overrides({"train": {"lr": 0.1}}, ["train.lr=0.5", "method.name=ce"])
+    assert data == {"train": {"lr": 0.5}, "method": {"name": "ce"}}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("train.lr")
+    with pytest.raises(ConfigError, match="malformed"):
+        parse_override("train..lr=1")
+
+
+def test_base_file_is_merged(tmp_path):
+    (tmp_path / "base.yaml").write_text("train: {epochs: 5, lr: 0.2}\nmethod: {name: ce}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain: {lr: 0.3}\n")
+    cfg = load_config(tmp_path / "child.yaml", ["train.epochs=7"])
+    assert (cfg.train.epochs, cfg.train.lr) == (7, 0.3)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epochs: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(listy)
+
+
+def test_method_params_are_validated():
+    with pytest.raises(ConfigError, match="unknown method 'cee'.*did you mean: ce"):
+        build_method({"name": "cee"})
+    with pytest.raises(ConfigError, match="unknown key method.alpha"):
+        build_method({"name": "ce", "alpha": 1})

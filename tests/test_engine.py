@@ -1,0 +1,191 @@
+"""End-to-end engine behaviour on tiny synthetic runs (CPU, deterministic)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfkd.config import TrainConfig, config_from_dict
+from selfkd.engine import Trainer, train
+from selfkd.engine.checkpoint import load_checkpoint, save_checkpoint
+from selfkd.engine.optim import lr_at
+from selfkd.errors import CheckpointError, RunDirError, TrainingError
+from selfkd.methods import METHODS, Method, StepOutput
+
+
+def strip_times(rows):
+    return [{k: v for k, v in r.items() if "seconds" not in k and k != "sec_per_iter"}
+            for r in rows]
+
+
+def read_rows(run: Path):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_contents(tiny_dict):
+    cfg = config_from_dict(tiny_dict)
+    final = train(cfg, quiet=True)
+    run = Path(cfg.run.out_dir) / "tiny"
+    for name in ("config.yaml", "metrics.csv", "metrics.jsonl", "final.json", "train.log",
+                 "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run / name).is_file(), name
+    rows = read_rows(run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert {"lr", "train_loss", "train_ce", "train_top1_err", "test_top1_err", "test_nll",
+            "test_ece", "test_aurc", "train_seconds"} <= set(rows[0])
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[:2] == ["epoch", "lr"]
+    assert final["status"] == "finished" and final["test_top1_err"] == rows[-1]["test_top1_err"]
+    # the resolved config is itself a valid config, with the dataset's normalization recorded
+    from selfkd.config import load_config
+
+    resolved = load_config(run / "config.yaml")
+    assert resolved.data.normalize is not None and len(resolved.data.normalize["mean"]) == 1
+    # lr followed the schedule: milestones 1.5 and 2.25 epochs -> x0.1 from 0-based epoch 2 on
+    assert [r["lr"] for r in rows] == pytest.approx([0.05, 0.05, 0.005])
+
+
+def test_same_seed_same_metrics(tiny_dict, tmp_path):
+    results = []
+    for name in ("a", "b"):
+        tiny_dict["run"]["name"] = name
+        train(config_from_dict(tiny_dict), quiet=True)
+        results.append(strip_times(read_rows(Path(tiny_dict["run"]["out_dir"]) / name)))
+    assert results[0] == results[1]
+    tiny_dict["run"]["name"], tiny_dict["run"]["seed"] = "c", 1
+    train(config_from_dict(tiny_dict), quiet=True)
+    other = strip_times(read_rows(Path(tiny_dict["run"]["out_dir"]) / "c"))
+    assert other != results[0]
+
+
+class Crash(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_identical_metrics(tiny_dict):
+    tiny_dict["run"]["name"] = "full"
+    train(config_from_dict(tiny_dict), quiet=True)
+    full = strip_times(read_rows(Path(tiny_dict["run"]["out_dir"]) / "full"))
+
+    tiny_dict["run"]["name"] = "crashed"
+    cfg = config_from_dict(tiny_dict)
+
+    def crash_after_first_epoch(trainer, epoch):
+        if epoch == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        Trainer(cfg, quiet=True, callbacks=[crash_after_first_epoch]).fit()
+    run = Path(cfg.run.out_dir) / "crashed"
+    assert not (run / "final.json").exists()
+    assert load_checkpoint(run / "checkpoints/last.pt")["progress"]["epoch"] == 1
+    train(cfg, resume=True, quiet=True)
+    assert strip_times(read_rows(run)) == full
+
+
+def test_existing_run_is_refused_unless_resume_or_overwrite(tiny_dict):
+    tiny_dict["train"]["epochs"] = 1
+    cfg = config_from_dict(tiny_dict)
+    train(cfg, quiet=True)
+    with pytest.raises(RunDirError, match="already holds a run.*--resume.*--overwrite"):
+        train(cfg, quiet=True)
+    train(cfg, overwrite=True, quiet=True)
+
+
+def test_unwritable_run_directory(tiny_dict, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    tiny_dict["run"]["out_dir"] = str(blocker)
+    with pytest.raises(RunDirError, match="cannot write to run directory"):
+        train(config_from_dict(tiny_dict), quiet=True)
+
+
+def test_resume_without_checkpoint(tiny_dict):
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train(config_from_dict(tiny_dict), resume=True, quiet=True)
+
+
+def test_lr_schedule_by_hand():
+    cfg = TrainConfig(epochs=10, lr=0.1, milestones=[5, 8], gamma=0.1)
+    assert lr_at(cfg, 0, 4) == pytest.approx(0.1)
+    assert lr_at(cfg, 19, 4) == pytest.approx(0.1)  # last step of epoch 4 (0-based)
+    assert lr_at(cfg, 20, 4) == pytest.approx(0.01)  # first step of epoch 5
+    assert lr_at(cfg, 32, 4) == pytest.approx(0.001)
+    frac = TrainConfig(epochs=10, lr=0.1, milestones=[0.5, 0.75])
+    assert lr_at(frac, 20, 4) == pytest.approx(0.01)  # milestone 5.0
+    assert lr_at(frac, 31, 4) == pytest.approx(0.01)  # epoch 7 < milestone 7.5
+    assert lr_at(frac, 32, 4) == pytest.approx(0.001)  # milestone 7.5 -> epoch 8 (ceil)
+    warm = TrainConfig(epochs=10, lr=0.1, warmup_epochs=1, schedule="constant")
+    assert lr_at(warm, 0, 4) == pytest.approx(0.025)
+    assert lr_at(warm, 3, 4) == pytest.approx(0.1)
+    cos = TrainConfig(epochs=10, lr=0.1, schedule="cosine")
+    assert lr_at(cos, 20, 4) == pytest.approx(0.05)
+    assert lr_at(cos, 10, 4) == pytest.approx(0.05 * (1 + math.cos(math.pi * 0.25)))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/selfkd-pwned",))
+
+
+def test_pickled_code_in_checkpoint_is_refused(tmp_path):
+    marker = Path("/tmp/selfkd-pwned")
+    marker.unlink(missing_ok=True)
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "selfkd-checkpoint-1", "model": _Evil()}, path)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    # a plain pickle file, not a torch zip archive
+    path.write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_truncated_and_foreign_checkpoints(tmp_path):
+    path = tmp_path / "ok.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(100)}})
+    assert load_checkpoint(path)["model"]["w"].sum() == 100
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(path)
+    torch.save({"w": torch.ones(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a selfkd checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+
+
+@METHODS.register("_nan_after_two_steps")
+class _NanMethod(Method):
+    """Test-only method whose loss becomes NaN at the third step."""
+
+    name = "_nan_after_two_steps"
+
+    def training_step(self, model, batch, info):
+        logits = model(batch.inputs)
+        loss = torch.nn.functional.cross_entropy(logits, batch.targets)
+        if info.global_step >= 2:
+            loss = loss * float("nan")
+        return StepOutput(loss=loss, logits=logits, targets=batch.targets, terms={"ce": loss})
+
+
+def test_nonfinite_loss_stops_with_step_and_terms(tiny_dict):
+    tiny_dict["method"] = {"name": "_nan_after_two_steps"}
+    with pytest.raises(TrainingError, match=r"non-finite loss .*global step 2.*terms: ce="):
+        train(config_from_dict(tiny_dict), quiet=True)
+
+
+def test_nonfinite_skip_mode_counts_steps(tiny_dict):
+    tiny_dict["method"] = {"name": "_nan_after_two_steps"}
+    tiny_dict["run"]["nonfinite"] = "skip"
+    tiny_dict["run"]["max_skipped_steps"] = 1000
+    tiny_dict["train"]["epochs"] = 1
+    final = train(config_from_dict(tiny_dict), quiet=True)
+    assert final["skipped_steps"] == 1  # 48 samples / 16 = 3 steps; only global step 2 is NaN
