@@ -17,16 +17,16 @@ def test_defaults_are_the_paper_protocol():
 def test_unknown_key_names_close_match():
     with pytest.raises(ConfigError, match=r"train\.epochz.*did you mean: epochs"):
         config_from_dict({"train": {"epochz": 3}})
-    with pytest.raises(ConfigError, match="unknown config section 'trian'.*train"):
+    with pytest.raises(ConfigError, match=r"unknown config section 'trian'.*train"):
         config_from_dict({"trian": {}})
 
 
 def test_types_and_choices_are_checked():
-    with pytest.raises(ConfigError, match="train.epochs must be an integer"):
+    with pytest.raises(ConfigError, match=r"train.epochs must be an integer"):
         config_from_dict({"train": {"epochs": "many"}})
-    with pytest.raises(ConfigError, match="run.amp must be one of"):
+    with pytest.raises(ConfigError, match=r"run.amp must be one of"):
         config_from_dict({"run": {"amp": "fp8"}})
-    with pytest.raises(ConfigError, match="train.lr must be positive"):
+    with pytest.raises(ConfigError, match=r"train.lr must be positive"):
         config_from_dict({"train": {"lr": -1}})
     # YAML reads 5e-4 as a string; it is still accepted as a number
     assert config_from_dict({"train": {"weight_decay": "5e-4"}}).train.weight_decay == 5e-4
@@ -37,9 +37,9 @@ def test_overrides_parse_yaml_values():
     assert parse_override("train.milestones=[1, 2]") == (["train", "milestones"], [1, 2])
     data = apply_overrides({"train": {"lr": 0.1}}, ["train.lr=0.5", "method.name=ce"])
     assert data == {"train": {"lr": 0.5}, "method": {"name": "ce"}}
-    with pytest.raises(ConfigError, match="key=value"):
+    with pytest.raises(ConfigError, match=r"key=value"):
         parse_override("train.lr")
-    with pytest.raises(ConfigError, match="malformed"):
+    with pytest.raises(ConfigError, match=r"malformed"):
         parse_override("train..lr=1")
 
 
@@ -51,20 +51,20 @@ def test_base_file_is_merged(tmp_path):
 
 
 def test_bad_files(tmp_path):
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match=r"not found"):
         load_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {epochs: [1,\n")
-    with pytest.raises(ConfigError, match="not valid YAML at line"):
+    with pytest.raises(ConfigError, match=r"not valid YAML at line"):
         load_config(bad)
     listy = tmp_path / "list.yaml"
     listy.write_text("- 1\n- 2\n")
-    with pytest.raises(ConfigError, match="must be a mapping"):
+    with pytest.raises(ConfigError, match=r"must be a mapping"):
         load_config(listy)
 
 
 def test_method_params_are_validated():
-    with pytest.raises(ConfigError, match="unknown method 'cee'.*did you mean: ce"):
+    with pytest.raises(ConfigError, match=r"unknown method 'cee'.*did you mean: ce"):
         build_method({"name": "cee"})
-    with pytest.raises(ConfigError, match="unknown key method.alpha"):
+    with pytest.raises(ConfigError, match=r"unknown key method.alpha"):
         build_method({"name": "ce", "alpha": 1})

@@ -20,8 +20,9 @@ from selfkd.methods import METHODS, Method, StepOutput
 
 
 def strip_times(rows):
-    return [{k: v for k, v in r.items() if "seconds" not in k and k != "sec_per_iter"}
-            for r in rows]
+    return [
+        {k: v for k, v in r.items() if "seconds" not in k and k != "sec_per_iter"} for r in rows
+    ]
 
 
 def read_rows(run: Path):
@@ -32,13 +33,29 @@ def test_run_directory_contents(tiny_dict):
     cfg = config_from_dict(tiny_dict)
     final = train(cfg, quiet=True)
     run = Path(cfg.run.out_dir) / "tiny"
-    for name in ("config.yaml", "metrics.csv", "metrics.jsonl", "final.json", "train.log",
-                 "checkpoints/last.pt", "checkpoints/best.pt"):
+    for name in (
+        "config.yaml",
+        "metrics.csv",
+        "metrics.jsonl",
+        "final.json",
+        "train.log",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+    ):
         assert (run / name).is_file(), name
     rows = read_rows(run)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
-    assert {"lr", "train_loss", "train_ce", "train_top1_err", "test_top1_err", "test_nll",
-            "test_ece", "test_aurc", "train_seconds"} <= set(rows[0])
+    assert {
+        "lr",
+        "train_loss",
+        "train_ce",
+        "train_top1_err",
+        "test_top1_err",
+        "test_nll",
+        "test_ece",
+        "test_aurc",
+        "train_seconds",
+    } <= set(rows[0])
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     assert header[:2] == ["epoch", "lr"]
     assert final["status"] == "finished" and final["test_top1_err"] == rows[-1]["test_top1_err"]
@@ -93,7 +110,7 @@ def test_existing_run_is_refused_unless_resume_or_overwrite(tiny_dict):
     tiny_dict["train"]["epochs"] = 1
     cfg = config_from_dict(tiny_dict)
     train(cfg, quiet=True)
-    with pytest.raises(RunDirError, match="already holds a run.*--resume.*--overwrite"):
+    with pytest.raises(RunDirError, match=r"already holds a run.*--resume.*--overwrite"):
         train(cfg, quiet=True)
     train(cfg, overwrite=True, quiet=True)
 
@@ -102,12 +119,12 @@ def test_unwritable_run_directory(tiny_dict, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     tiny_dict["run"]["out_dir"] = str(blocker)
-    with pytest.raises(RunDirError, match="cannot write to run directory"):
+    with pytest.raises(RunDirError, match=r"cannot write to run directory"):
         train(config_from_dict(tiny_dict), quiet=True)
 
 
 def test_resume_without_checkpoint(tiny_dict):
-    with pytest.raises(CheckpointError, match="nothing to resume"):
+    with pytest.raises(CheckpointError, match=r"nothing to resume"):
         train(config_from_dict(tiny_dict), resume=True, quiet=True)
 
 
@@ -139,7 +156,7 @@ def test_pickled_code_in_checkpoint_is_refused(tmp_path):
     marker.unlink(missing_ok=True)
     path = tmp_path / "evil.pt"
     torch.save({"format": "selfkd-checkpoint-1", "model": _Evil()}, path)
-    with pytest.raises(CheckpointError, match="refusing to load"):
+    with pytest.raises(CheckpointError, match=r"refusing to load"):
         load_checkpoint(path)
     assert not marker.exists()
     # a plain pickle file, not a torch zip archive
@@ -155,10 +172,10 @@ def test_truncated_and_foreign_checkpoints(tmp_path):
     assert load_checkpoint(path)["model"]["w"].sum() == 100
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match=r"corrupt or truncated"):
         load_checkpoint(path)
     torch.save({"w": torch.ones(2)}, tmp_path / "foreign.pt")
-    with pytest.raises(CheckpointError, match="not a selfkd checkpoint"):
+    with pytest.raises(CheckpointError, match=r"not a selfkd checkpoint"):
         load_checkpoint(tmp_path / "foreign.pt")
 
 

@@ -28,15 +28,19 @@ SUMMARY_KEYS = [
 
 def results_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
     """A Markdown table of final metrics, one row per (label, final.json dict)."""
-    present = [(k, title) for k, title in SUMMARY_KEYS
-               if any(r.get(f"test_{k}") is not None for _, r in rows)]
-    lines = ["| run | " + " | ".join(t for _, t in present) + " |",
-             "|---|" + "---|" * len(present)]
+    present = [
+        (k, title)
+        for k, title in SUMMARY_KEYS
+        if any(r.get(f"test_{k}") is not None for _, r in rows)
+    ]
+    lines = ["| run | " + " | ".join(t for _, t in present) + " |", "|---|" + "---|" * len(present)]
     for label, r in rows:
         cells = []
         for key, _ in present:
             value = r.get(f"test_{key}")
-            cells.append("-" if value is None else f"{value:.4f}" if key == "nll" else f"{value:.2f}")
+            cells.append(
+                "-" if value is None else f"{value:.4f}" if key == "nll" else f"{value:.2f}"
+            )
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -51,9 +55,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         final = train(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; the last finished epoch is saved in {run_path}/checkpoints/last.pt"
-              f"\nresume with: selfkd train --config {args.config}"
-              + "".join(f" --set {s}" for s in args.set) + " --resume", file=sys.stderr)
+        print(
+            f"\ninterrupted; the last finished epoch is saved in {run_path}/checkpoints/last.pt"
+            f"\nresume with: selfkd train --config {args.config}"
+            + "".join(f" --set {s}" for s in args.set)
+            + " --resume",
+            file=sys.stderr,
+        )
         return 130
     rows = []
     phase1 = phase1_run_dir(cfg)
@@ -74,8 +82,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(results_table([(f"{args.run_dir} ({args.checkpoint})",
-                              {f"test_{k}": v for k, v in result.items()})]))
+        print(
+            results_table(
+                [
+                    (
+                        f"{args.run_dir} ({args.checkpoint})",
+                        {f"test_{k}": v for k, v in result.items()},
+                    )
+                ]
+            )
+        )
     return 0
 
 
@@ -97,9 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a config (phase 1 first when the method needs it)")
     p.add_argument("--config", "-c", required=True, help="YAML config file")
-    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=0.05 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue the run from checkpoints/last.pt")
+    p.add_argument(
+        "--set",
+        "-s",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=0.05 (repeatable)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run from checkpoints/last.pt"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a run in the same directory")
     p.add_argument("--quiet", "-q", action="store_true", help="log to the run directory only")
     p.set_defaults(func=cmd_train)

@@ -35,6 +35,7 @@ class RunConfig:
     amp: str = "off"  # off | bf16 | fp16 (CUDA only; ignored with a warning on CPU)
     channels_last: bool = False
     compile: bool = False
+    threads: int | None = None  # CPU threads for torch (None = torch's default)
     progress: str = "auto"  # auto (bar on a terminal, off in CI) | bar | off
     tensorboard: bool = False
     best_metric: str = "top1_err"
@@ -223,6 +224,7 @@ def validate_values(cfg: Config) -> None:
         (cfg.data.per_class is None or cfg.data.per_class >= 1, "data.per_class must be >= 1"),
         (cfg.data.val_size >= 0, "data.val_size must be >= 0 (a count or a fraction)"),
         (cfg.run.eval_every >= 1, "run.eval_every must be at least 1"),
+        (cfg.run.threads is None or cfg.run.threads >= 1, "run.threads must be at least 1"),
         (bool(cfg.run.name.strip()), "run.name must not be empty"),
     ]
     for ok, message in checks:
@@ -242,8 +244,10 @@ def config_from_dict(data: Any) -> Config:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"a config must be a mapping with sections run/data/model/train/method, "
-                          f"got {type(data).__name__}")
+        raise ConfigError(
+            f"a config must be a mapping with sections run/data/model/train/method, "
+            f"got {type(data).__name__}"
+        )
     sections = [*SECTIONS, "method"]
     for key in data:
         if key not in sections:

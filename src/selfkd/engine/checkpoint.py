@@ -38,8 +38,11 @@ def versions() -> dict[str, str]:
 
     import selfkd
 
-    return {"selfkd": str(selfkd.__version__), "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__)}
+    return {
+        "selfkd": str(selfkd.__version__),
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+    }
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -110,6 +113,6 @@ def check_compatible(meta: dict[str, Any], model: nn.Module, num_classes: int, w
     if theirs is not None and theirs != ours:
         raise CheckpointError(
             f"{what} holds model {meta.get('model', '?')!r} "
-            f"(fingerprint {theirs}) but this run builds {meta.get('this_model', type(model).__name__)!r}"
+            f"(fingerprint {theirs}) but this run builds {type(model).__name__!r}"
             f" (fingerprint {ours}); use a checkpoint of the same architecture and options"
         )

@@ -27,12 +27,13 @@ def resolve_device(spec: str = "auto") -> torch.device:
     try:
         device = torch.device(spec)
     except (RuntimeError, TypeError):
-        raise ConfigError(f"run.device {spec!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+        raise ConfigError(
+            f"run.device {spec!r} is not a device; use auto, cpu, cuda, cuda:N or mps"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"run.device is {spec!r} but CUDA is not available; use run.device=auto")
-    if device.type == "cuda" and device.index is not None:
-        if device.index >= torch.cuda.device_count():
-            raise ConfigError(f"run.device {spec!r}: only {torch.cuda.device_count()} GPU(s) visible")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"run.device {spec!r}: only {torch.cuda.device_count()} GPU(s) visible")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("run.device is 'mps' but MPS is not available; use run.device=auto")
     if device.type not in ("cpu", "cuda", "mps"):
@@ -61,8 +62,9 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
         return None
     if mode == "fp16":
         if device.type != "cuda":
-            warnings.warn("run.amp=fp16 needs CUDA; training in float32 on this device",
-                          stacklevel=2)
+            warnings.warn(
+                "run.amp=fp16 needs CUDA; training in float32 on this device", stacklevel=2
+            )
             return None
         return torch.float16
     if mode == "bf16":
@@ -104,8 +106,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((python[0], tuple(python[1]), python[2]))
     npst = state["numpy"]
     np.random.set_state(
-        ("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
-         npst["gauss"])
+        (
+            "MT19937",
+            npst["keys"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["gauss"],
+        )
     )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():

@@ -21,18 +21,34 @@ def evaluate_run(run_dir: str | Path, which: str = "last", device: str = "auto")
 
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).is_file():
-        raise RunDirError(f"{run_dir} is not a run directory (no {CONFIG}); "
-                          "pass the folder a `selfkd train` run wrote")
+        raise RunDirError(
+            f"{run_dir} is not a run directory (no {CONFIG}); "
+            "pass the folder a `selfkd train` run wrote"
+        )
     cfg = load_config(run_dir / CONFIG)
     dev = resolve_device(device)
     d = cfg.data
-    data = build_data(name=d.name, root=d.root, batch_size=d.batch_size,
-                      eval_batch_size=d.eval_batch_size, per_class=d.per_class,
-                      val_size=d.val_size, split_seed=d.split_seed, seed=cfg.run.seed,
-                      workers=d.workers, augment=d.augment, normalize=d.normalize,
-                      options=d.options, drop_last=d.drop_last)
-    model = build_model(cfg.model.name, num_classes=data.num_classes,
-                        in_channels=data.in_channels, **cfg.model.options).to(dev)
+    data = build_data(
+        name=d.name,
+        root=d.root,
+        batch_size=d.batch_size,
+        eval_batch_size=d.eval_batch_size,
+        per_class=d.per_class,
+        val_size=d.val_size,
+        split_seed=d.split_seed,
+        seed=cfg.run.seed,
+        workers=d.workers,
+        augment=d.augment,
+        normalize=d.normalize,
+        options=d.options,
+        drop_last=d.drop_last,
+    )
+    model = build_model(
+        cfg.model.name,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        **cfg.model.options,
+    ).to(dev)
     path = run_dir / "checkpoints" / f"{which}.pt"
     state = ckpt.load_checkpoint(path, map_location=dev)
     ckpt.check_compatible(state.get("meta", {}), model, data.num_classes, f"checkpoint {path}")

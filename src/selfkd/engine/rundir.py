@@ -127,8 +127,9 @@ class RunDir:
         for r in self.rows:
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
         atomic_write_text(self.path / "metrics.csv", buf.getvalue())
-        atomic_write_text(self.path / "metrics.jsonl",
-                          "".join(json.dumps(r) + "\n" for r in self.rows))
+        atomic_write_text(
+            self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows)
+        )
 
     def write_final(self, final: dict[str, Any]) -> None:
         clean = {k: _clean(v) for k, v in final.items()}

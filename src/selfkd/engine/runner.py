@@ -50,8 +50,9 @@ def phase1_key(phase1: Config) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def resolve_teacher(cfg: Config, method: Method, *, quiet: bool = False,
-                    log: Any = print) -> str | None:
+def resolve_teacher(
+    cfg: Config, method: Method, *, quiet: bool = False, log: Any = print
+) -> str | None:
     """Make sure the method's phase-1 checkpoint exists; return its path (None if unneeded)."""
     param = method.teacher_param
     if param is None or not method.needs_teacher():
@@ -77,16 +78,23 @@ def resolve_teacher(cfg: Config, method: Method, *, quiet: bool = False,
     return str(run.last)
 
 
-def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
-          quiet: bool = False, **trainer_kwargs: Any) -> dict[str, Any]:
+def train(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    **trainer_kwargs: Any,
+) -> dict[str, Any]:
     """Train ``cfg`` (phase 1 first when its method needs it); return the final metrics."""
     method = build_method(cfg.method)
     run = RunDir(Path(cfg.run.out_dir) / cfg.run.name)
     if run.holds_run() and not (resume or overwrite):
         run.prepare(resume=False, overwrite=False)  # raises RunDirError before phase 1 runs
     resolve_teacher(cfg, method, quiet=quiet, log=(lambda *_: None) if quiet else print)
-    trainer = Trainer(cfg, method=method, resume=resume, overwrite=overwrite, quiet=quiet,
-                      **trainer_kwargs)
+    trainer = Trainer(
+        cfg, method=method, resume=resume, overwrite=overwrite, quiet=quiet, **trainer_kwargs
+    )
     return trainer.fit()
 
 

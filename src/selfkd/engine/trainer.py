@@ -57,9 +57,14 @@ def wants_progress_bar(mode: str) -> bool:
 
 
 @torch.no_grad()
-def collect_logits(model: nn.Module, loader: Any, transform: Any, device: torch.device,
-                   dtype: torch.dtype | None = None,
-                   channels_last: bool = False) -> tuple[Tensor, Tensor]:
+def collect_logits(
+    model: nn.Module,
+    loader: Any,
+    transform: Any,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> tuple[Tensor, Tensor]:
     """Run ``model`` in eval mode over ``loader``; return float32 CPU logits and targets."""
     was_training = model.training
     model.eval()
@@ -99,6 +104,8 @@ class Trainer:
         self.cfg = cfg
         self.resume = resume
         self.callbacks = list(callbacks)
+        if cfg.run.threads is not None:
+            torch.set_num_threads(cfg.run.threads)
         self.device = resolve_device(cfg.run.device)
         self.amp = amp_dtype(cfg.run.amp, self.device)
         seed_everything(cfg.run.seed, cfg.run.deterministic)
@@ -123,6 +130,11 @@ class Trainer:
         self.run.prepare(resume=resume, overwrite=overwrite)
         self.log = self.run.logger(cfg.run.name, quiet=quiet)
 
+        sampler = self.method.batch_sampler(
+            self.data.train_labels, cfg.data.batch_size, cfg.run.seed
+        )
+        if sampler is not None:
+            self.data.train_loader.set_batch_sampler(sampler)
         steps = len(self.data.train_loader)
         if steps == 0:
             raise ConfigError(
@@ -169,17 +181,30 @@ class Trainer:
 
         d = self.cfg.data
         return build_data(
-            name=d.name, root=d.root, batch_size=d.batch_size,
-            eval_batch_size=d.eval_batch_size, per_class=d.per_class, val_size=d.val_size,
-            split_seed=d.split_seed, seed=self.cfg.run.seed, workers=d.workers,
-            augment=d.augment, normalize=d.normalize, options=d.options, drop_last=d.drop_last,
+            name=d.name,
+            root=d.root,
+            batch_size=d.batch_size,
+            eval_batch_size=d.eval_batch_size,
+            per_class=d.per_class,
+            val_size=d.val_size,
+            split_seed=d.split_seed,
+            seed=self.cfg.run.seed,
+            workers=d.workers,
+            augment=d.augment,
+            normalize=d.normalize,
+            options=d.options,
+            drop_last=d.drop_last,
         )
 
     def _build_model(self) -> nn.Module:
         from selfkd.models import build_model
 
-        return build_model(self.cfg.model.name, num_classes=self.data.num_classes,
-                           in_channels=self.data.in_channels, **self.cfg.model.options)
+        return build_model(
+            self.cfg.model.name,
+            num_classes=self.data.num_classes,
+            in_channels=self.data.in_channels,
+            **self.cfg.model.options,
+        )
 
     def _fresh_model(self) -> nn.Module:
         """A new, untrained model of this run's architecture, on the device."""
@@ -211,7 +236,9 @@ class Trainer:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            self_warn = "run.tensorboard=true but tensorboard is not installed; pip install tensorboard"
+            self_warn = (
+                "run.tensorboard=true but tensorboard is not installed; pip install tensorboard"
+            )
             import warnings
 
             warnings.warn(self_warn, stacklevel=2)
@@ -262,7 +289,9 @@ class Trainer:
 
     def _restore(self, data: dict[str, Any]) -> None:
         meta = data.get("meta", {})
-        ckpt.check_compatible(meta, self.model, self.data.num_classes, f"checkpoint {self.run.last}")
+        ckpt.check_compatible(
+            meta, self.model, self.data.num_classes, f"checkpoint {self.run.last}"
+        )
         try:
             self.model.load_state_dict(data["model"])
             self.method.load_state_dict(data["method"])
@@ -289,13 +318,16 @@ class Trainer:
         cfg = self.cfg
         try:
             if self.resume:
-                self.log.info(f"resuming {self.run.path} at epoch {self.epoch + 1}/{cfg.train.epochs}")
+                self.log.info(
+                    f"resuming {self.run.path} at epoch {self.epoch + 1}/{cfg.train.epochs}"
+                )
             else:
                 self.log.info(
                     f"run {self.run.path}: method {self.method.name}, model {self.cfg.model.name} "
                     f"({count_parameters(self.model):,} parameters), data {cfg.data.name} "
                     f"({self.data.num_train} train images, {self.data.num_classes} classes), "
-                    f"device {self.device}, {cfg.train.epochs} epochs x {self.steps_per_epoch} steps"
+                    f"device {self.device}, "
+                    f"{cfg.train.epochs} epochs x {self.steps_per_epoch} steps"
                 )
             while self.epoch < cfg.train.epochs:
                 row = self.train_epoch(self.epoch)
@@ -332,8 +364,12 @@ class Trainer:
         if wants_progress_bar(cfg.run.progress):
             from tqdm import tqdm
 
-            bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                       leave=False, dynamic_ncols=True)
+            bar = tqdm(
+                total=len(loader),
+                desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                leave=False,
+                dynamic_ncols=True,
+            )
         for step, (x, y, idx) in enumerate(loader.iterate(epoch)):
             raw = x.to(self.device, non_blocking=True)
             targets = y.to(self.device, non_blocking=True)
@@ -341,10 +377,16 @@ class Trainer:
             inputs = transform.train(raw)
             if cfg.run.channels_last and inputs.dim() == 4:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
-            batch = Batch(inputs=inputs, targets=targets, indices=indices, raw=raw,
-                          augment=transform.train)
-            info = StepInfo(epoch=epoch, step=step, global_step=self.global_step,
-                            epochs=cfg.train.epochs, steps_per_epoch=self.steps_per_epoch)
+            batch = Batch(
+                inputs=inputs, targets=targets, indices=indices, raw=raw, augment=transform.train
+            )
+            info = StepInfo(
+                epoch=epoch,
+                step=step,
+                global_step=self.global_step,
+                epochs=cfg.train.epochs,
+                steps_per_epoch=self.steps_per_epoch,
+            )
             lr = lr_at(cfg.train, self.global_step, self.steps_per_epoch)
             set_lr(self.optimizer, lr)
             with autocast(self.device, self.amp):
@@ -367,7 +409,10 @@ class Trainer:
             n = out.targets.shape[0]
             seen += n
             with torch.no_grad():
-                terms = {"loss": loss.detach(), **{k: v.detach().float() for k, v in out.terms.items()}}
+                terms = {
+                    "loss": loss.detach(),
+                    **{k: v.detach().float() for k, v in out.terms.items()},
+                }
                 for key, value in terms.items():
                     sums[key] = sums.get(key, torch.zeros((), device=self.device)) + value * n
                 wrong += (out.logits.detach().argmax(1) != out.targets).sum()
@@ -383,8 +428,10 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr_at(cfg.train, self.global_step - 1,
-                                                              self.steps_per_epoch)}
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "lr": lr_at(cfg.train, self.global_step - 1, self.steps_per_epoch),
+        }
         for key, value in sums.items():
             row[f"train_{key}"] = float(value) / max(1, seen)
         row["train_top1_err"] = 100.0 * float(wrong) / max(1, seen)
@@ -396,8 +443,10 @@ class Trainer:
 
     def _nonfinite(self, out: Any, info: StepInfo) -> None:
         terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.terms.items())
-        where = (f"non-finite loss {float(out.loss.detach()):.4g} at epoch {info.epoch + 1}, "
-                 f"step {info.step + 1} (global step {info.global_step}); terms: {terms}")
+        where = (
+            f"non-finite loss {float(out.loss.detach()):.4g} at epoch {info.epoch + 1}, "
+            f"step {info.step + 1} (global step {info.global_step}); terms: {terms}"
+        )
         if self.cfg.run.nonfinite == "skip" and self.skipped_steps < self.cfg.run.max_skipped_steps:
             self.skipped_steps += 1
             self.log.info(f"skipping step: {where}")
@@ -419,12 +468,24 @@ class Trainer:
         return row
 
     def test_logits(self) -> tuple[Tensor, Tensor]:
-        return collect_logits(self.forward_model, self.data.test_loader, self.data.transform,
-                              self.device, self.amp, self.cfg.run.channels_last)
+        return collect_logits(
+            self.forward_model,
+            self.data.test_loader,
+            self.data.transform,
+            self.device,
+            self.amp,
+            self.cfg.run.channels_last,
+        )
 
     def val_logits(self) -> tuple[Tensor, Tensor]:
-        return collect_logits(self.forward_model, self.data.val_loader, self.data.transform,
-                              self.device, self.amp, self.cfg.run.channels_last)
+        return collect_logits(
+            self.forward_model,
+            self.data.val_loader,
+            self.data.transform,
+            self.device,
+            self.amp,
+            self.cfg.run.channels_last,
+        )
 
     def _update_best(self, row: dict[str, Any]) -> None:
         name = self.cfg.run.best_metric
@@ -434,20 +495,31 @@ class Trainer:
             if not any(k.startswith("test_") for k in row):
                 return  # no evaluation this epoch
             known = sorted(k[5:] for k in row if k.startswith("test_"))
-            raise ConfigError(f"run.best_metric {name!r} is not a metric; choose one of {', '.join(known)}")
+            raise ConfigError(
+                f"run.best_metric {name!r} is not a metric; choose one of {', '.join(known)}"
+            )
         lower = M.LOWER_IS_BETTER.get(name, True)
-        better = (self.best_value is None or (value < self.best_value if lower
-                                              else value > self.best_value))
+        better = self.best_value is None or (
+            value < self.best_value if lower else value > self.best_value
+        )
         if better:
             self.best_value = float(value)
             self.best_epoch = self.epoch
 
     def _log_row(self, row: dict[str, Any]) -> None:
-        keys = ["train_loss", "train_top1_err", "test_top1_err", "test_nll", "test_ece",
-                "val_top1_err"]
+        keys = [
+            "train_loss",
+            "train_top1_err",
+            "test_top1_err",
+            "test_nll",
+            "test_ece",
+            "val_top1_err",
+        ]
         parts = [f"{k}={row[k]:.4g}" for k in keys if isinstance(row.get(k), float)]
-        self.log.info(f"epoch {row['epoch']}/{self.cfg.train.epochs} lr={row['lr']:.4g} "
-                      f"{' '.join(parts)} ({row['train_seconds']:.1f}s)")
+        self.log.info(
+            f"epoch {row['epoch']}/{self.cfg.train.epochs} lr={row['lr']:.4g} "
+            f"{' '.join(parts)} ({row['train_seconds']:.1f}s)"
+        )
         if self.tb is not None:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "epoch" and math.isfinite(value):
@@ -485,7 +557,10 @@ class Trainer:
         self.log.info(
             f"finished: test top-1 error {test['top1_err']:.2f}%, NLL {test['nll']:.4f}, "
             f"ECE {test['ece']:.2f}%"
-            + (f", after temperature scaling (T={temperature:.3f}) ECE {test['ece_ts']:.2f}%"
-               if temperature is not None else "")
+            + (
+                f", after temperature scaling (T={temperature:.3f}) ECE {test['ece_ts']:.2f}%"
+                if temperature is not None
+                else ""
+            )
         )
         return final

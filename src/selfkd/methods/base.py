@@ -111,6 +111,17 @@ class Method(nn.Module):
     def setup(self, model: nn.Module, ctx: MethodContext) -> None:
         """Build owned modules, banks and feature taps; called once before training."""
 
+    def batch_sampler(
+        self, labels: Tensor, batch_size: int, seed: int
+    ) -> Callable[[int], list[Tensor]] | None:
+        """A replacement for the default epoch order: ``epoch -> list of index tensors``.
+
+        Called once before :meth:`setup`; ``labels`` are the training labels (by dataset index).
+        The order must be a pure function of (seed, epoch) so that resumed runs see the same
+        batches. None keeps the engine's shuffled order.
+        """
+        return None
+
     def main_optimizer_modules(self) -> list[nn.Module]:
         """Owned modules trained by the engine's optimizer alongside the model."""
         return []

@@ -1,0 +1,196 @@
+"""Image-folder datasets (CUB-200-2011, Stanford Dogs, MIT67, FGVC-Aircraft, Tiny-ImageNet, …).
+
+Layout: ``root/train/<class>/<image>`` and ``root/val/<class>/<image>`` (folder names set by the
+``train_dir``/``test_dir`` options). Classes are the sub-folders of the training folder, sorted by
+name; a test class that the training folder lacks is an error (an empty test class folder is not).
+Images are decoded with PIL and converted to RGB.
+
+Transforms (torchvision, per sample, in the loader; the device-side BatchTransform is then a
+pass-through):
+
+* protocol ``imagenet`` (default; CS-KD fine-grained protocol): train
+  RandomResizedCrop(image_size) + RandomHorizontalFlip; test Resize(round(image_size·8/7)) +
+  CenterCrop(image_size) (256/224 for 224);
+* protocol ``cifar``: images resized to image_size (shorter side, then center crop); train
+  RandomCrop(image_size, padding=crop_padding, zero fill) + RandomHorizontalFlip;
+  test unchanged after the resize.
+
+Both end with ToTensor + Normalize (default ImageNet statistics). Randomness comes from the torch
+RNG of the process that decodes (the main process with ``workers=0``, else the DataLoader's
+seeded workers), so file-dataset augmentation is not exactly reproducible across a resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision import transforms as T
+
+from selfkd.data.base import AugmentSpec, RawSplits, as_index_tensor
+from selfkd.data.registry import DATASETS, check_options
+from selfkd.errors import ConfigError, DataError
+
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp",
+)  # fmt: skip
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class FileImageDataset(torch.utils.data.Dataset):
+    """Images stored as files: ``dataset[i] -> (float C×H×W transformed, label, i)``.
+
+    ``samples`` are ``(path, label)`` pairs. Without a transform an item is the RGB image as a
+    float tensor in [0, 1] (ToTensor).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        class_names: Sequence[str],
+        transform: Callable[[Image.Image], Tensor] | None = None,
+    ) -> None:
+        self.samples = [(str(p), int(y)) for p, y in samples]
+        self.class_names = [str(c) for c in class_names]
+        self.labels = torch.tensor([y for _, y in self.samples], dtype=torch.long)
+        self.transform = transform
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    in_channels = 3
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except (OSError, ValueError) as exc:
+            raise DataError(
+                f"cannot decode image {path} ({' '.join(str(exc).split())}); remove or replace it"
+            ) from exc
+        tf = self.transform if self.transform is not None else T.ToTensor()
+        return tf(image), label, int(index)
+
+    def subset(self, indices: Tensor | Sequence[int]) -> FileImageDataset:
+        """A new dataset holding ``indices`` (re-indexed 0..len-1, in the given order)."""
+        idx = as_index_tensor(indices, len(self)).tolist()
+        return FileImageDataset([self.samples[i] for i in idx], self.class_names, self.transform)
+
+    def with_transform(self, transform: Callable[[Image.Image], Tensor] | None) -> FileImageDataset:
+        """The same samples with another transform."""
+        return FileImageDataset(self.samples, self.class_names, transform)
+
+    def __repr__(self) -> str:
+        return f"FileImageDataset(n={len(self)}, classes={self.num_classes})"
+
+
+def build_file_transforms(
+    augment: AugmentSpec, mean: Sequence[float], std: Sequence[float]
+) -> tuple[Callable, Callable]:
+    """``(train_transform, eval_transform)`` for a file dataset (PIL image -> float tensor)."""
+    size = augment.crop_size
+    tail = [T.ToTensor(), T.Normalize(list(mean), list(std))]
+    flip = [T.RandomHorizontalFlip()] if augment.hflip else []
+    if augment.kind == "random_resized_crop":
+        train = [T.RandomResizedCrop(size), *flip]
+        test = [T.Resize(round(size * 8 / 7)), T.CenterCrop(size)]
+    elif augment.kind == "pad_crop":
+        test = [T.Resize(size), T.CenterCrop(size)]
+        crop = [T.RandomCrop(size, padding=augment.crop_padding)] if augment.crop_padding else []
+        train = [*test, *crop, *flip]
+    else:
+        raise ConfigError(f"unknown augmentation kind {augment.kind!r}")
+    return T.Compose(train + tail), T.Compose(test + tail)
+
+
+def _scan(folder: Path) -> dict[str, list[Path]]:
+    classes: dict[str, list[Path]] = {}
+    for d in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = sorted(
+            p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        classes[d.name] = files
+    return classes
+
+
+@DATASETS.register("imagefolder", "image-folder")
+def imagefolder(root: str | None = None, **options: Any) -> RawSplits:
+    """Image folders root/train/<class>/* and root/val/<class>/* (fine-grained sets, 224 protocol).
+
+    Options: image_size (224), protocol (imagenet | cifar; the cifar protocol pads by 4 pixels,
+    change it with augment.crop_padding), train_dir (train), test_dir (val).
+    """
+    opts = check_options(
+        "imagefolder",
+        options,
+        {"image_size": 224, "protocol": "imagenet", "train_dir": "train", "test_dir": "val"},
+    )
+    size, protocol = opts["image_size"], opts["protocol"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"data.options.image_size must be a positive integer, got {size!r}")
+    if protocol not in ("imagenet", "cifar"):
+        raise ConfigError(
+            f"data.options.protocol must be 'imagenet' (random-resized-crop) or 'cifar' "
+            f"(crop after padding), got {protocol!r}"
+        )
+    if root is None:
+        raise ConfigError(
+            "dataset 'imagefolder' needs data.root: the folder holding train/ and val/"
+        )
+    base = Path(root).expanduser().absolute()
+    train_dir, test_dir = base / opts["train_dir"], base / opts["test_dir"]
+    for d, key in ((train_dir, "train_dir"), (test_dir, "test_dir")):
+        if not d.is_dir():
+            raise DataError(
+                f"image folder {d} is missing; data.root must contain {opts['train_dir']}/<class>/ "
+                f"and {opts['test_dir']}/<class>/ folders (or set data.options.{key})"
+            )
+    train_classes = _scan(train_dir)
+    if not train_classes:
+        raise DataError(f"{train_dir} has no class folders; expected {train_dir}/<class>/<image>")
+    for name, files in train_classes.items():
+        if not files:
+            raise DataError(
+                f"class folder {train_dir / name} has no images (extensions: "
+                f"{' '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
+            )
+    names = list(train_classes)
+    index = {n: i for i, n in enumerate(names)}
+    test_classes = _scan(test_dir)
+    unknown = [n for n in test_classes if n not in index]
+    if unknown:
+        raise DataError(
+            f"{test_dir / unknown[0]} is a class that {train_dir} lacks; test classes must be a "
+            "subset of the training classes (same folder names)"
+        )
+    train = [(str(p), index[n]) for n, files in train_classes.items() for p in files]
+    test = [(str(p), index[n]) for n, files in test_classes.items() for p in files]
+    if not test:
+        raise DataError(f"{test_dir} holds no images; expected {test_dir}/<class>/<image>")
+    if protocol == "imagenet":
+        augment = AugmentSpec("random_resized_crop", crop_size=size, crop_padding=0, hflip=True)
+    else:
+        augment = AugmentSpec("pad_crop", crop_size=size, crop_padding=4, hflip=True)
+    return RawSplits(
+        train=FileImageDataset(train, names),
+        test=FileImageDataset(test, names),
+        num_classes=len(names),
+        in_channels=3,
+        image_size=size,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        augment=augment,
+        class_names=names,
+        root=str(base),
+        options=opts,
+    )

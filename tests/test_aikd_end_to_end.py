@@ -1,0 +1,92 @@
+"""AI-KD from one command: phase 1 (plain CE) then the student; phase 1 is reused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from selfkd.config import config_from_dict
+from selfkd.engine import train
+from selfkd.engine.checkpoint import load_checkpoint
+from selfkd.engine.runner import phase1_config
+
+
+def test_two_phases_then_reuse(tiny_dict):
+    tiny_dict["method"] = {"name": "aikd"}
+    tiny_dict["train"]["epochs"] = 2
+    tiny_dict["run"]["name"] = "student-a"
+    cfg = config_from_dict(tiny_dict)
+    final = train(cfg, quiet=True)
+    phase1 = phase1_config(cfg)
+    phase1_run = Path(phase1.run.out_dir) / phase1.run.name
+    assert json.loads((phase1_run / "final.json").read_text())["method"] == "ce"
+    superior_before = load_checkpoint(phase1_run / "checkpoints" / "last.pt")["model"]
+    mtime = (phase1_run / "checkpoints" / "last.pt").stat().st_mtime_ns
+
+    run = Path(cfg.run.out_dir) / "student-a"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for term in (
+        "train_ce",
+        "train_guide",
+        "train_progressive",
+        "train_adversarial",
+        "train_critic_loss",
+        "train_critic_gp",
+    ):
+        assert term in rows[0], term
+    assert final["method"] == "aikd"
+    # the resolved config records the checkpoint the student learned from
+    resolved = (run / "config.yaml").read_text()
+    assert str(phase1_run / "checkpoints" / "last.pt") in resolved
+
+    # a second AI-KD run of the same setting (another ablation) reuses phase 1
+    tiny_dict["run"]["name"] = "student-b"
+    tiny_dict["method"] = {"name": "aikd", "ablation": "no_adv"}
+    train(config_from_dict(tiny_dict), quiet=True)
+    assert (phase1_run / "checkpoints" / "last.pt").stat().st_mtime_ns == mtime
+    after = load_checkpoint(phase1_run / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(superior_before[k], after[k]) for k in after)
+    # only_progressive needs no superior model: no phase 1 for another seed
+    tiny_dict["run"].update(name="student-c", seed=5)
+    tiny_dict["method"] = {"name": "aikd", "ablation": "only_progressive"}
+    cfg_c = config_from_dict(tiny_dict)
+    train(cfg_c, quiet=True)
+    assert not (Path(phase1_config(cfg_c).run.out_dir) / phase1_config(cfg_c).run.name).exists()
+
+
+def test_aikd_resume_is_exact(tiny_dict):
+    tiny_dict["method"] = {"name": "aikd"}
+    tiny_dict["train"]["epochs"] = 3
+    tiny_dict["run"]["name"] = "full"
+    train(config_from_dict(tiny_dict), quiet=True)
+    out = Path(tiny_dict["run"]["out_dir"])
+
+    def rows(name):
+        return [
+            {k: v for k, v in json.loads(x).items() if "seconds" not in k and "per_iter" not in k}
+            for x in (out / name / "metrics.jsonl").read_text().splitlines()
+        ]
+
+    from selfkd.engine import Trainer
+    from selfkd.engine.runner import resolve_teacher
+    from selfkd.methods import build_method
+
+    class Stop(Exception):
+        pass
+
+    def stop(trainer, epoch):
+        if epoch == 2:
+            raise Stop
+
+    tiny_dict["run"]["name"] = "crashed"
+    cfg = config_from_dict(tiny_dict)
+    method = build_method(cfg.method)
+    resolve_teacher(cfg, method, quiet=True, log=lambda *_: None)
+    try:
+        Trainer(cfg, method=method, quiet=True, callbacks=[stop]).fit()
+    except Stop:
+        pass
+    train(cfg, resume=True, quiet=True)
+    assert rows("crashed") == rows("full")
