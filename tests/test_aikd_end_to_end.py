@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from selfkd.config import config_from_dict
@@ -84,9 +85,7 @@ def test_aikd_resume_is_exact(tiny_dict):
     cfg = config_from_dict(tiny_dict)
     method = build_method(cfg.method)
     resolve_teacher(cfg, method, quiet=True, log=lambda *_: None)
-    try:
+    with pytest.raises(Stop):
         Trainer(cfg, method=method, quiet=True, callbacks=[stop]).fit()
-    except Stop:
-        pass
     train(cfg, resume=True, quiet=True)
     assert rows("crashed") == rows("full")
