@@ -153,6 +153,7 @@ class Trainer:
             load_model=self.load_compatible_model,
             config=cfg.to_dict(),
             run_dir=self.run.path,
+            input_shape=self._input_shape(),
         )
         self.method.setup(self.model, ctx)
         self.method.to(self.device)
@@ -195,6 +196,11 @@ class Trainer:
             options=d.options,
             drop_last=d.drop_last,
         )
+
+    def _input_shape(self) -> tuple[int, int, int]:
+        size = self.data.image_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (int(self.data.in_channels), int(height), int(width))
 
     def _build_model(self) -> nn.Module:
         from selfkd.models import build_model
@@ -359,7 +365,6 @@ class Trainer:
         wrong = torch.zeros((), device=self.device)
         start = time.perf_counter()
         loader = self.data.train_loader
-        transform = self.data.transform
         bar = None
         if wants_progress_bar(cfg.run.progress):
             from tqdm import tqdm
@@ -371,41 +376,11 @@ class Trainer:
                 dynamic_ncols=True,
             )
         for step, (x, y, idx) in enumerate(loader.iterate(epoch)):
-            raw = x.to(self.device, non_blocking=True)
-            targets = y.to(self.device, non_blocking=True)
-            indices = idx.to(self.device, non_blocking=True)
-            inputs = transform.train(raw)
-            if cfg.run.channels_last and inputs.dim() == 4:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            batch = Batch(
-                inputs=inputs, targets=targets, indices=indices, raw=raw, augment=transform.train
-            )
-            info = StepInfo(
-                epoch=epoch,
-                step=step,
-                global_step=self.global_step,
-                epochs=cfg.train.epochs,
-                steps_per_epoch=self.steps_per_epoch,
-            )
-            lr = lr_at(cfg.train, self.global_step, self.steps_per_epoch)
-            set_lr(self.optimizer, lr)
-            with autocast(self.device, self.amp):
-                out = self.method.training_step(self.forward_model, batch, info)
-            loss = out.loss.float()
-            if not bool(torch.isfinite(loss)):
-                self._nonfinite(out, info)
-                self.global_step += 1
-                continue
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if cfg.train.grad_clip is not None:
-                self.scaler.unscale_(self.optimizer)
-                params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.method.after_optimizer_step(self.forward_model, batch, out)
-
+            result = self.train_step(x, y, idx, epoch, step)
+            self.global_step += 1
+            if result is None:
+                continue  # a skipped non-finite step
+            out, loss, lr = result
             n = out.targets.shape[0]
             seen += n
             with torch.no_grad():
@@ -416,7 +391,6 @@ class Trainer:
                 for key, value in terms.items():
                     sums[key] = sums.get(key, torch.zeros((), device=self.device)) + value * n
                 wrong += (out.logits.detach().argmax(1) != out.targets).sum()
-            self.global_step += 1
             if bar is not None:
                 bar.update(1)
                 if step % 10 == 0:
@@ -440,6 +414,50 @@ class Trainer:
         if self.skipped_steps:
             row["skipped_steps"] = self.skipped_steps
         return row
+
+    def train_step(
+        self, x: Tensor, y: Tensor, idx: Tensor, epoch: int, step: int
+    ) -> tuple[Any, Tensor, float] | None:
+        """One optimizer step on a CPU batch; returns (StepOutput, loss, lr) or None if skipped.
+
+        Does not advance ``global_step`` (the caller does), so benchmarks can call it directly.
+        """
+        cfg = self.cfg
+        transform = self.data.transform
+        raw = x.to(self.device, non_blocking=True)
+        targets = y.to(self.device, non_blocking=True)
+        indices = idx.to(self.device, non_blocking=True)
+        inputs = transform.train(raw)
+        if cfg.run.channels_last and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        batch = Batch(
+            inputs=inputs, targets=targets, indices=indices, raw=raw, augment=transform.train
+        )
+        info = StepInfo(
+            epoch=epoch,
+            step=step,
+            global_step=self.global_step,
+            epochs=cfg.train.epochs,
+            steps_per_epoch=self.steps_per_epoch,
+        )
+        lr = lr_at(cfg.train, self.global_step, self.steps_per_epoch)
+        set_lr(self.optimizer, lr)
+        with autocast(self.device, self.amp):
+            out = self.method.training_step(self.forward_model, batch, info)
+        loss = out.loss.float()
+        if not bool(torch.isfinite(loss)):
+            self._nonfinite(out, info)
+            return None
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.train.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.method.after_optimizer_step(self.forward_model, batch, out)
+        return out, loss, lr
 
     def _nonfinite(self, out: Any, info: StepInfo) -> None:
         terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.terms.items())

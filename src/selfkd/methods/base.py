@@ -86,6 +86,8 @@ class MethodContext:
     load_model: Callable[[str], nn.Module]
     config: dict[str, Any] = field(default_factory=dict)
     run_dir: Path | None = None
+    #: (channels, height, width) of one training input, for heads built from feature shapes
+    input_shape: tuple[int, int, int] = (3, 32, 32)
     rank: int = 0
     world_size: int = 1
 
