@@ -28,6 +28,10 @@ def test_types_and_choices_are_checked():
         config_from_dict({"run": {"amp": "fp8"}})
     with pytest.raises(ConfigError, match=r"train.lr must be positive"):
         config_from_dict({"train": {"lr": -1}})
+    # YAML 1.1 reads a bare `off` as false: accepted for on/off choices
+    assert config_from_dict({"run": {"amp": False, "progress": False}}).run.amp == "off"
+    with pytest.raises(ConfigError, match=r"run\.amp must be a string"):
+        config_from_dict({"run": {"amp": True}})
     # YAML reads 5e-4 as a string; it is still accepted as a number
     assert config_from_dict({"train": {"weight_decay": "5e-4"}}).train.weight_decay == 5e-4
 

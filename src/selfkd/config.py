@@ -197,8 +197,11 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
                 f"valid keys: {', '.join(names)}"
             )
         full = f"{prefix}.{key}"
-        value = coerce(value, hints[key], full)
         choices = CHOICES.get(full)
+        if isinstance(value, bool) and choices and "off" in choices:
+            # YAML 1.1 reads a bare `off`/`on` as a boolean
+            value = "off" if not value else {"run.progress": "bar"}.get(full, value)
+        value = coerce(value, hints[key], full)
         if choices and value not in choices:
             raise ConfigError(
                 f"{full} must be one of {', '.join(choices)}, got {value!r}"
