@@ -34,3 +34,14 @@ def tiny_dict(tmp_path: Path) -> dict[str, Any]:
     data = copy.deepcopy(TINY)
     data["run"]["out_dir"] = str(tmp_path / "runs")
     return data
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models run fastest single-threaded, especially on a loaded 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

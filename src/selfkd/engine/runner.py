@@ -10,8 +10,10 @@ one is resumed). The teacher is the phase-1 model after its last epoch (no test-
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,23 @@ def phase1_key(phase1: Config) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+@contextlib.contextmanager
+def phase1_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock (``<path>.lock``) held while a phase-1 run is checked or trained."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f"{path.name}.lock", "w") as handle:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no locking
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def resolve_teacher(
     cfg: Config, method: Method, *, quiet: bool = False, log: Any = print
 ) -> str | None:
@@ -68,12 +87,14 @@ def resolve_teacher(
         return str(path)
     phase1 = phase1_config(cfg)
     run = RunDir(Path(phase1.run.out_dir) / phase1.run.name)
-    if run.is_finished() and run.last.is_file():
-        log(f"phase 1: reusing the finished plain-CE model in {run.path}")
-    else:
-        resume = run.last.is_file()
-        log(f"phase 1: {'resuming' if resume else 'training'} the plain-CE model in {run.path}")
-        Trainer(phase1, resume=resume, overwrite=not resume, quiet=quiet).fit()
+    with phase1_lock(run.path):  # two runs of one setting must not train phase 1 twice
+        if run.is_finished() and run.last.is_file():
+            log(f"phase 1: reusing the finished plain-CE model in {run.path}")
+        else:
+            resume = run.last.is_file()
+            verb = "resuming" if resume else "training"
+            log(f"phase 1: {verb} the plain-CE model in {run.path}")
+            Trainer(phase1, resume=resume, overwrite=not resume, quiet=quiet).fit()
     setattr(method.params, param, str(run.last))
     return str(run.last)
 

@@ -1,6 +1,17 @@
 """Self-KD methods: one module per method, all registered in :data:`METHODS`."""
 
-from selfkd.methods import aikd, ce  # noqa: F401  (registers the methods)
+from selfkd.methods import (  # noqa: F401  (importing a module registers its methods)
+    aikd,
+    byot,
+    ce,
+    cskd,
+    dlb,
+    drg,
+    label_smoothing,
+    pskd,
+    tfkd,
+    zfls,
+)
 from selfkd.methods.base import (
     METHODS,
     Batch,
