@@ -1,4 +1,4 @@
-"""The ``selfkd`` command line: ``train``, ``eval`` and ``list``.
+"""The ``selfkd`` command line: ``train``, ``eval``, ``report`` and ``list``.
 
 Errors a user can fix print one line (``error: ...``) and exit with status 2; an interrupted
 run prints how to resume it.
@@ -95,6 +95,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    import csv
+
+    from selfkd.report.table import csv_rows, find_runs, group_runs, report
+
+    print(report(args.runs, cost=not args.no_cost))
+    if args.csv:
+        rows = csv_rows(group_runs(find_runs(args.runs)))
+        with open(args.csv, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from selfkd.data import DATASETS
     from selfkd.methods import METHODS
@@ -134,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="tables over runs: mean ± std over seeds per method")
+    p.add_argument("runs", nargs="+", help="run directories or folders holding runs")
+    p.add_argument("--csv", help="also write the table as CSV to this file")
+    p.add_argument("--no-cost", action="store_true", help="omit the cost table")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("list", help="list methods, datasets and models")
     p.set_defaults(func=cmd_list)
