@@ -11,40 +11,27 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import (
+    IDX,
+    LABELS,
+    K,
+    N,
+    batch,
+    np_log_softmax,
+    np_logits,
+    phase1_loader,
+    tiny,
+    toy_ctx,
+)
 from selfkd.errors import ConfigError, ModelError, TrainingError
 from selfkd.methods.aikd import AIKD, AIKDParams
 from selfkd.methods.base import (
     METHODS,
-    Batch,
     MethodContext,
     StepInfo,
     method_defaults,
     parse_params,
 )
-
-N, K = 8, 5
-LABELS = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
-X = torch.randn(N, 3, 4, generator=torch.Generator().manual_seed(0))
-
-
-def tiny(seed: int) -> nn.Module:
-    model = nn.Sequential(nn.Flatten(), nn.Linear(12, K))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model[1].weight.copy_(0.5 * torch.randn(K, 12, generator=gen))
-        model[1].bias.copy_(0.1 * torch.randn(K, generator=gen))
-    return model
-
-
-def np_logits(model: nn.Module, idx: torch.Tensor) -> np.ndarray:
-    w = model[1].weight.detach().double().numpy()
-    b = model[1].bias.detach().double().numpy()
-    return X[idx].reshape(len(idx), 12).double().numpy() @ w.T + b
-
-
-def np_log_softmax(z: np.ndarray) -> np.ndarray:
-    m = z.max(axis=1, keepdims=True)
-    return z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))
 
 
 def np_kl(teacher: np.ndarray, student: np.ndarray, tau: float) -> float:
@@ -60,34 +47,12 @@ def np_ce(z: np.ndarray, y: torch.Tensor, tau: float = 1.0) -> float:
 def make(params: dict | None = None, *, allow_load: bool = True):
     """(method, student, superior) with a hand-built MethodContext on the CPU."""
     loaded: list[nn.Module] = []
-
-    def load_model(path: str) -> nn.Module:
-        if not allow_load:
-            raise AssertionError("load_model must not be called")
-        assert path == "phase1.pt"
-        loaded.append(tiny(1))
-        return loaded[-1]
-
-    ctx = MethodContext(
-        num_classes=K,
-        num_train=N,
-        train_labels=LABELS,
-        epochs=2,
-        steps_per_epoch=2,
-        device=torch.device("cpu"),
-        build_model=lambda: tiny(99),
-        load_model=load_model,
-    )
+    ctx = toy_ctx(phase1_loader(loaded, allowed=allow_load))
     method = AIKD(parse_params(AIKD, {"superior": "phase1.pt", **(params or {})}))
     student = tiny(0)
     method.setup(student, ctx)
     method.train()
     return method, student, (loaded[0] if loaded else None)
-
-
-def batch(idx) -> Batch:
-    idx = torch.as_tensor(idx)
-    return Batch(inputs=X[idx], targets=LABELS[idx], indices=idx, raw=X[idx], augment=lambda t: t)
 
 
 def info(step: int = 0, epoch: int = 0) -> StepInfo:
@@ -102,9 +67,6 @@ def train_step(method, model, opt, idx, step=0):
     opt.step()
     method.after_optimizer_step(model, b, out)
     return out
-
-
-IDX = torch.tensor([0, 3, 5, 6])
 
 
 # --- params -----------------------------------------------------------------------------------

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import pytest
 import torch
 
+from helpers import assert_resume_is_exact, read_final, read_rows
 from selfkd.config import config_from_dict
 from selfkd.engine import train
 from selfkd.engine.checkpoint import load_checkpoint
@@ -22,12 +21,12 @@ def test_two_phases_then_reuse(tiny_dict):
     final = train(cfg, quiet=True)
     phase1 = phase1_config(cfg)
     phase1_run = Path(phase1.run.out_dir) / phase1.run.name
-    assert json.loads((phase1_run / "final.json").read_text())["method"] == "ce"
+    assert read_final(phase1_run)["method"] == "ce"
     superior_before = load_checkpoint(phase1_run / "checkpoints" / "last.pt")["model"]
     mtime = (phase1_run / "checkpoints" / "last.pt").stat().st_mtime_ns
 
     run = Path(cfg.run.out_dir) / "student-a"
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_rows(run)
     for term in (
         "train_ce",
         "train_guide",
@@ -60,32 +59,4 @@ def test_two_phases_then_reuse(tiny_dict):
 def test_aikd_resume_is_exact(tiny_dict):
     tiny_dict["method"] = {"name": "aikd"}
     tiny_dict["train"]["epochs"] = 3
-    tiny_dict["run"]["name"] = "full"
-    train(config_from_dict(tiny_dict), quiet=True)
-    out = Path(tiny_dict["run"]["out_dir"])
-
-    def rows(name):
-        return [
-            {k: v for k, v in json.loads(x).items() if "seconds" not in k and "per_iter" not in k}
-            for x in (out / name / "metrics.jsonl").read_text().splitlines()
-        ]
-
-    from selfkd.engine import Trainer
-    from selfkd.engine.runner import resolve_teacher
-    from selfkd.methods import build_method
-
-    class Stop(Exception):
-        pass
-
-    def stop(trainer, epoch):
-        if epoch == 2:
-            raise Stop
-
-    tiny_dict["run"]["name"] = "crashed"
-    cfg = config_from_dict(tiny_dict)
-    method = build_method(cfg.method)
-    resolve_teacher(cfg, method, quiet=True, log=lambda *_: None)
-    with pytest.raises(Stop):
-        Trainer(cfg, method=method, quiet=True, callbacks=[stop]).fit()
-    train(cfg, resume=True, quiet=True)
-    assert rows("crashed") == rows("full")
+    assert_resume_is_exact(tiny_dict, crash_after=2)

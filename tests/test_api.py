@@ -100,14 +100,33 @@ def test_pskd_bank_is_written_by_step_done():
 
 def test_teacher_is_required_and_taps_are_checked():
     model = user_model()
+    with pytest.raises(ConfigError, match="one label per training sample"):
+        SelfKD(
+            "pskd",
+            model,
+            num_classes=4,
+            num_train=8,
+            train_labels=torch.zeros(3),
+            epochs=1,
+            steps_per_epoch=1,
+        )
     with pytest.raises(ConfigError, match="teacher="):
-        SelfKD("aikd", model, num_classes=4, num_train=8, epochs=1, steps_per_epoch=1)
+        SelfKD(
+            "aikd",
+            model,
+            num_classes=4,
+            num_train=8,
+            train_labels=torch.arange(8) % 4,
+            epochs=1,
+            steps_per_epoch=1,
+        )
     with pytest.raises(ModelError, match="drg"):
         SelfKD(
             "drg",
             model,
             num_classes=4,
             num_train=8,
+            train_labels=torch.arange(8) % 4,
             epochs=1,
             steps_per_epoch=1,
             input_shape=(1, 8, 8),
@@ -119,6 +138,7 @@ def test_teacher_is_required_and_taps_are_checked():
             teacher=user_model(),
             num_classes=4,
             num_train=8,
+            train_labels=torch.arange(8) % 4,
             epochs=1,
             steps_per_epoch=1,
             alpha_x=1,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,23 +10,13 @@ import torch
 from torch import nn
 
 import selfkd.methods.byot  # noqa: F401  (registers byot)
-from selfkd.config import config_from_dict
-from selfkd.engine import Trainer, train
+from helpers import assert_resume_is_exact, read_final
 from selfkd.errors import ConfigError, ModelError
 from selfkd.losses.byot import byot_loss, feature_hint_loss
 from selfkd.methods.base import Batch, MethodContext, StepInfo
 from selfkd.methods.byot import BYOT, BYOTParams
 from selfkd.methods.heads import BottleneckExit
 from selfkd.models import build_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tiny tensors run far faster without thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def np_softmax(z: np.ndarray) -> np.ndarray:
@@ -192,35 +181,11 @@ def test_bad_params():
 # --- engine ---------------------------------------------------------------------------------
 
 
-def _rows(path: Path) -> list[dict]:
-    return [
-        {k: v for k, v in json.loads(x).items() if "seconds" not in k and "per_iter" not in k}
-        for x in (path / "metrics.jsonl").read_text().splitlines()
-    ]
-
-
 def test_byot_end_to_end_and_exact_resume(tiny_dict):
     tiny_dict["method"] = {"name": "byot"}
     tiny_dict["train"]["epochs"] = 2
-    tiny_dict["run"]["name"] = "full"
-    final = train(config_from_dict(tiny_dict), quiet=True)
-    assert final["method"] == "byot"
-    out = Path(tiny_dict["run"]["out_dir"])
-    full = _rows(out / "full")
+    full = assert_resume_is_exact(tiny_dict)
+    assert read_final(Path(tiny_dict["run"]["out_dir"]) / "full")["method"] == "byot"
     assert len(full) == 2
     for term in ("ce_deep", "ce_exits", "kd_exits", "feature", "loss"):
         assert f"train_{term}" in full[0], term
-
-    class Stop(Exception):
-        pass
-
-    def stop(trainer, epoch):
-        if epoch == 1:
-            raise Stop
-
-    tiny_dict["run"]["name"] = "crashed"
-    cfg = config_from_dict(tiny_dict)
-    with pytest.raises(Stop):
-        Trainer(cfg, quiet=True, callbacks=[stop]).fit()
-    train(cfg, resume=True, quiet=True)
-    assert _rows(out / "crashed") == full

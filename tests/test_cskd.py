@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -12,20 +11,15 @@ import torch
 from torch import nn
 
 import selfkd.methods.cskd  # noqa: F401  (registers the method)
-from selfkd.config import config_from_dict, load_config
+from helpers import assert_resume_is_exact, np_log_softmax
+from selfkd.config import load_config
 from selfkd.data.samplers import ClassPairSampler
-from selfkd.engine import Trainer, train
 from selfkd.errors import ConfigError, TrainingError
 from selfkd.losses.cskd import cskd_loss
 from selfkd.methods.base import Batch, StepInfo, build_method
 
 LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 2, 0, 1, 3, 3, 1, 0, 2])
 INFO = StepInfo(epoch=0, step=0, global_step=0, epochs=1, steps_per_epoch=1)
-
-
-def _np_log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
 # --- sampler --------------------------------------------------------------------------------
@@ -94,8 +88,8 @@ def test_loss_golden_values() -> None:
     y = torch.tensor([2, 0])
     tau, lam = 4.0, 3.0
     a, p = za.numpy().astype(np.float64), zp.numpy().astype(np.float64)
-    ce = -np.mean(_np_log_softmax(a)[[0, 1], [2, 0]])
-    lp, la = _np_log_softmax(p / tau), _np_log_softmax(a / tau)
+    ce = -np.mean(np_log_softmax(a)[[0, 1], [2, 0]])
+    lp, la = np_log_softmax(p / tau), np_log_softmax(a / tau)
     kl = np.mean(np.sum(np.exp(lp) * (lp - la), axis=1)) * tau**2
     loss, terms = cskd_loss(za, zp, y, tau=tau, lam=lam)
     assert loss.item() == pytest.approx(ce + lam * kl, rel=1e-5)
@@ -162,37 +156,13 @@ def test_params_are_validated() -> None:
 
 
 # --- end to end -----------------------------------------------------------------------------
-def _rows(run: Path) -> list[dict]:
-    return [
-        {k: v for k, v in json.loads(x).items() if "seconds" not in k and "per_iter" not in k}
-        for x in (run / "metrics.jsonl").read_text().splitlines()
-    ]
-
-
 def test_end_to_end_and_exact_resume(tiny_dict) -> None:
     tiny_dict["method"] = {"name": "cskd"}
     tiny_dict["train"]["epochs"] = 2
-    tiny_dict["run"]["name"] = "full"
-    train(config_from_dict(tiny_dict), quiet=True)
-    out = Path(tiny_dict["run"]["out_dir"])
-    rows = _rows(out / "full")
+    rows = assert_resume_is_exact(tiny_dict)
     assert len(rows) == 2
     for term in ("train_ce", "train_cls_kd", "train_loss"):
         assert term in rows[0] and math.isfinite(rows[0][term])
-
-    class Stop(Exception):
-        pass
-
-    def stop(trainer, epoch):
-        if epoch == 1:
-            raise Stop
-
-    tiny_dict["run"]["name"] = "crashed"
-    cfg = config_from_dict(tiny_dict)
-    with pytest.raises(Stop):
-        Trainer(cfg, quiet=True, callbacks=[stop]).fit()
-    train(cfg, resume=True, quiet=True)
-    assert _rows(out / "crashed") == rows
 
 
 def test_shipped_config_loads() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import math
 from pathlib import Path
 
@@ -13,16 +12,11 @@ import torch
 from torch import nn
 
 import selfkd.methods.dlb  # noqa: F401  (registers the method)
-from selfkd.config import config_from_dict, load_config
-from selfkd.engine import Trainer, train
+from helpers import assert_resume_is_exact, np_log_softmax
+from selfkd.config import load_config
 from selfkd.errors import ConfigError
 from selfkd.losses.dlb import dlb_loss
 from selfkd.methods.base import Batch, MethodContext, StepInfo, build_method
-
-
-def _np_log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
 def _info(step: int) -> StepInfo:
@@ -38,8 +32,8 @@ def test_loss_golden_values() -> None:
     tau, alpha = 3.0, 0.7
     allz = np.concatenate([z, zp])
     ally = np.concatenate([y, yp])
-    ce = -np.mean(_np_log_softmax(allz)[np.arange(5), ally])
-    ls, lq = _np_log_softmax(zs / tau), _np_log_softmax(zp / tau)
+    ce = -np.mean(np_log_softmax(allz)[np.arange(5), ally])
+    ls, lq = np_log_softmax(zs / tau), np_log_softmax(zp / tau)
     kl = tau**2 * np.mean(np.sum(np.exp(ls) * (ls - lq), axis=1))
     t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
     loss, terms = dlb_loss(
@@ -50,7 +44,7 @@ def test_loss_golden_values() -> None:
     assert loss.item() == pytest.approx(ce + alpha * kl, rel=1e-5)
     # first step: CE on the current batch only
     loss0, terms0 = dlb_loss(t(z), torch.tensor(y))
-    assert loss0.item() == pytest.approx(-np.mean(_np_log_softmax(z)[[0, 1], y]), rel=1e-5)
+    assert loss0.item() == pytest.approx(-np.mean(np_log_softmax(z)[[0, 1], y]), rel=1e-5)
     assert terms0["dlb_kd"].item() == 0.0
     with pytest.raises(ValueError, match="together"):
         dlb_loss(t(z), torch.tensor(y), t(zp))
@@ -187,39 +181,15 @@ def test_batch_size_one_and_bad_params_are_refused() -> None:
 
 
 # --- end to end -----------------------------------------------------------------------------
-def _rows(run: Path) -> list[dict]:
-    return [
-        {k: v for k, v in json.loads(x).items() if "seconds" not in k and "per_iter" not in k}
-        for x in (run / "metrics.jsonl").read_text().splitlines()
-    ]
-
-
 def test_end_to_end_and_exact_resume(tiny_dict) -> None:
     tiny_dict["method"] = {"name": "dlb"}
     tiny_dict["train"]["epochs"] = 2
     tiny_dict["data"]["options"]["train_per_class"] = 10  # 40 samples: a short last batch
-    tiny_dict["run"]["name"] = "full"
-    train(config_from_dict(tiny_dict), quiet=True)
-    out = Path(tiny_dict["run"]["out_dir"])
-    rows = _rows(out / "full")
+    rows = assert_resume_is_exact(tiny_dict)
     assert len(rows) == 2
     for term in ("train_ce", "train_dlb_kd", "train_loss"):
         assert term in rows[0] and math.isfinite(rows[0][term])
     assert rows[1]["train_dlb_kd"] > 0
-
-    class Stop(Exception):
-        pass
-
-    def stop(trainer, epoch):
-        if epoch == 1:
-            raise Stop
-
-    tiny_dict["run"]["name"] = "crashed"
-    cfg = config_from_dict(tiny_dict)
-    with pytest.raises(Stop):
-        Trainer(cfg, quiet=True, callbacks=[stop]).fit()
-    train(cfg, resume=True, quiet=True)
-    assert _rows(out / "crashed") == rows
 
 
 def test_shipped_config_loads() -> None:

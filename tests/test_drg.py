@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import math
 from pathlib import Path
 
@@ -13,24 +12,15 @@ import torch
 from torch import nn
 
 import selfkd.methods.drg  # noqa: F401  (registers drg, dsr, drg_dsr)
+from helpers import assert_resume_is_exact, metric_rows
 from selfkd.config import config_from_dict
-from selfkd.engine import Trainer, train
+from selfkd.engine import train
 from selfkd.errors import ConfigError, ModelError
 from selfkd.losses.drg import drg_dsr_loss, reverse_guidance_loss, shape_regularization_loss
 from selfkd.methods.base import Batch, MethodContext, StepInfo, build_method
 from selfkd.methods.drg import DRG, DRGDSR, DSR, DRGDSRParams, DSRParams
 from selfkd.methods.heads import AuxiliaryClassifier
 from selfkd.models import build_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tiny tensors run far faster without thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # --- independent references (numpy) ---------------------------------------------------------
 
@@ -270,13 +260,6 @@ def test_dsr_skips_first_step_then_uses_previous_sorted_logits():
 # --- engine ---------------------------------------------------------------------------------
 
 
-def _rows(path: Path) -> list[dict]:
-    return [
-        {k: v for k, v in json.loads(x).items() if "seconds" not in k and "per_iter" not in k}
-        for x in (path / "metrics.jsonl").read_text().splitlines()
-    ]
-
-
 @pytest.mark.parametrize(
     ("name", "terms"),
     [("drg", ["ce", "ce_ac", "rg"]), ("dsr", ["ce", "sr"])],
@@ -287,7 +270,7 @@ def test_engine_runs(tiny_dict, name, terms):
     tiny_dict["run"]["name"] = name
     final = train(config_from_dict(tiny_dict), quiet=True)
     assert final["method"] == name
-    rows = _rows(Path(tiny_dict["run"]["out_dir"]) / name)
+    rows = metric_rows(Path(tiny_dict["run"]["out_dir"]) / name)
     assert len(rows) == 2
     for term in terms:
         assert math.isfinite(rows[0][f"train_{term}"]), term
@@ -296,24 +279,7 @@ def test_engine_runs(tiny_dict, name, terms):
 def test_drg_dsr_end_to_end_and_exact_resume(tiny_dict):
     tiny_dict["method"] = {"name": "drg_dsr"}
     tiny_dict["train"]["epochs"] = 2
-    tiny_dict["run"]["name"] = "full"
-    train(config_from_dict(tiny_dict), quiet=True)
-    out = Path(tiny_dict["run"]["out_dir"])
-    full = _rows(out / "full")
+    full = assert_resume_is_exact(tiny_dict)
     for term in ("ce", "ce_ac", "rg", "sr", "loss"):
         assert f"train_{term}" in full[0], term
     assert full[0]["train_sr"] > 0
-
-    class Stop(Exception):
-        pass
-
-    def stop(trainer, epoch):
-        if epoch == 1:
-            raise Stop
-
-    tiny_dict["run"]["name"] = "crashed"
-    cfg = config_from_dict(tiny_dict)
-    with pytest.raises(Stop):
-        Trainer(cfg, quiet=True, callbacks=[stop]).fit()
-    train(cfg, resume=True, quiet=True)
-    assert _rows(out / "crashed") == full

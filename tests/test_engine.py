@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pickle
@@ -11,22 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import assert_resume_is_exact, metric_rows, read_rows
 from selfkd.config import TrainConfig, config_from_dict
-from selfkd.engine import Trainer, train
+from selfkd.engine import train
 from selfkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from selfkd.engine.optim import lr_at
 from selfkd.errors import CheckpointError, RunDirError, TrainingError
 from selfkd.methods import METHODS, Method, StepOutput
-
-
-def strip_times(rows):
-    return [
-        {k: v for k, v in r.items() if "seconds" not in k and k != "sec_per_iter"} for r in rows
-    ]
-
-
-def read_rows(run: Path):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_run_directory_contents(tiny_dict):
@@ -73,37 +63,16 @@ def test_same_seed_same_metrics(tiny_dict, tmp_path):
     for name in ("a", "b"):
         tiny_dict["run"]["name"] = name
         train(config_from_dict(tiny_dict), quiet=True)
-        results.append(strip_times(read_rows(Path(tiny_dict["run"]["out_dir"]) / name)))
+        results.append(metric_rows(Path(tiny_dict["run"]["out_dir"]) / name))
     assert results[0] == results[1]
     tiny_dict["run"]["name"], tiny_dict["run"]["seed"] = "c", 1
     train(config_from_dict(tiny_dict), quiet=True)
-    other = strip_times(read_rows(Path(tiny_dict["run"]["out_dir"]) / "c"))
+    other = metric_rows(Path(tiny_dict["run"]["out_dir"]) / "c")
     assert other != results[0]
 
 
-class Crash(Exception):
-    pass
-
-
 def test_interrupted_run_resumes_to_identical_metrics(tiny_dict):
-    tiny_dict["run"]["name"] = "full"
-    train(config_from_dict(tiny_dict), quiet=True)
-    full = strip_times(read_rows(Path(tiny_dict["run"]["out_dir"]) / "full"))
-
-    tiny_dict["run"]["name"] = "crashed"
-    cfg = config_from_dict(tiny_dict)
-
-    def crash_after_first_epoch(trainer, epoch):
-        if epoch == 1:
-            raise Crash
-
-    with pytest.raises(Crash):
-        Trainer(cfg, quiet=True, callbacks=[crash_after_first_epoch]).fit()
-    run = Path(cfg.run.out_dir) / "crashed"
-    assert not (run / "final.json").exists()
-    assert load_checkpoint(run / "checkpoints/last.pt")["progress"]["epoch"] == 1
-    train(cfg, resume=True, quiet=True)
-    assert strip_times(read_rows(run)) == full
+    assert_resume_is_exact(tiny_dict, crash_after=1)
 
 
 def test_existing_run_is_refused_unless_resume_or_overwrite(tiny_dict):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import selfkd.methods.label_smoothing  # noqa: F401  (registers the method)
-from selfkd.config import config_from_dict, load_config
-from selfkd.engine import Trainer, train
+from helpers import assert_resume_is_exact, np_log_softmax
+from selfkd.config import load_config
 from selfkd.errors import ConfigError
 from selfkd.losses.smoothing import label_smoothing_loss, smoothed_targets
 from selfkd.methods.base import (
@@ -29,11 +28,6 @@ from selfkd.methods.label_smoothing import LabelSmoothing
 Z = torch.tensor([[2.0, -1.0, 0.5, 0.0], [0.1, 0.2, 3.0, -2.0], [-1.0, 1.5, 0.0, 0.3]])
 Y = torch.tensor([0, 2, 3])
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "methods"
-
-
-def np_log_softmax(z: np.ndarray) -> np.ndarray:
-    m = z.max(axis=1, keepdims=True)
-    return z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))
 
 
 def np_targets(y: np.ndarray, k: int, eps: float, spread: str) -> np.ndarray:
@@ -124,30 +118,5 @@ def test_shipped_config_builds() -> None:
 def test_end_to_end_and_resume(tiny_dict) -> None:
     tiny_dict["method"] = {"name": "label_smoothing", "epsilon": 0.1}
     tiny_dict["train"]["epochs"] = 2
-    tiny_dict["run"]["name"] = "full"
-    train(config_from_dict(tiny_dict), quiet=True)
-    out = Path(tiny_dict["run"]["out_dir"])
-
-    def rows(name: str) -> list[dict]:
-        lines = (out / name / "metrics.jsonl").read_text().splitlines()
-        return [
-            {k: v for k, v in json.loads(x).items() if "seconds" not in k and "per_iter" not in k}
-            for x in lines
-        ]
-
-    full = rows("full")
+    full = assert_resume_is_exact(tiny_dict)
     assert len(full) == 2 and "train_ls" in full[0] and "train_ce" in full[0]
-
-    class Stop(Exception):
-        pass
-
-    def stop(trainer, epoch):
-        if epoch == 1:
-            raise Stop
-
-    tiny_dict["run"]["name"] = "crashed"
-    cfg = config_from_dict(tiny_dict)
-    with pytest.raises(Stop):
-        Trainer(cfg, quiet=True, callbacks=[stop]).fit()
-    train(cfg, resume=True, quiet=True)
-    assert rows("crashed") == full

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +12,23 @@ import torch.nn.functional as F
 from torch import nn
 
 import selfkd.methods.pskd  # noqa: F401  (registers the method)
-from selfkd.config import config_from_dict, load_config
-from selfkd.engine import Trainer, train
+from helpers import (
+    IDX,
+    LABELS,
+    K,
+    N,
+    assert_resume_is_exact,
+    batch,
+    np_log_softmax,
+    np_logits,
+    tiny,
+    toy_ctx,
+)
+from selfkd.config import load_config
 from selfkd.errors import ConfigError
 from selfkd.losses.pskd import pskd_alpha, pskd_loss, pskd_targets
 from selfkd.methods.base import (
     METHODS,
-    Batch,
-    MethodContext,
     StepInfo,
     build_method,
     method_defaults,
@@ -28,19 +36,11 @@ from selfkd.methods.base import (
 )
 from selfkd.methods.pskd import PSKD
 
-N, K = 8, 5
-LABELS = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
-X = torch.randn(N, 3, 4, generator=torch.Generator().manual_seed(0))
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "methods"
 
 Z = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0], [-1.0, 1.5, 0.0]])
 Y = torch.tensor([0, 2, 1])
 P = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.5, 0.25, 0.25]])
-
-
-def np_log_softmax(z: np.ndarray) -> np.ndarray:
-    m = z.max(axis=1, keepdims=True)
-    return z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))
 
 
 def np_pskd(z: np.ndarray, y: np.ndarray, prev: np.ndarray, alpha: float) -> float:
@@ -95,26 +95,8 @@ def test_bad_inputs() -> None:
 
 
 # --- the method -------------------------------------------------------------------------------
-def tiny(seed: int) -> nn.Module:
-    model = nn.Sequential(nn.Flatten(), nn.Linear(12, K))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model[1].weight.copy_(0.5 * torch.randn(K, 12, generator=gen))
-        model[1].bias.copy_(0.1 * torch.randn(K, generator=gen))
-    return model
-
-
 def make(params: dict | None = None, epochs: int = 4) -> tuple[PSKD, nn.Module]:
-    ctx = MethodContext(
-        num_classes=K,
-        num_train=N,
-        train_labels=LABELS,
-        epochs=epochs,
-        steps_per_epoch=2,
-        device=torch.device("cpu"),
-        build_model=lambda: tiny(99),
-        load_model=lambda path: tiny(98),
-    )
+    ctx = toy_ctx(lambda path: tiny(98), epochs=epochs)
     method = PSKD(parse_params(PSKD, params or {}))
     model = tiny(0)
     method.setup(model, ctx)
@@ -122,21 +104,8 @@ def make(params: dict | None = None, epochs: int = 4) -> tuple[PSKD, nn.Module]:
     return method, model
 
 
-def batch(idx: torch.Tensor) -> Batch:
-    return Batch(inputs=X[idx], targets=LABELS[idx], indices=idx, raw=X[idx], augment=lambda t: t)
-
-
 def info(epoch: int, epochs: int = 4) -> StepInfo:
     return StepInfo(epoch=epoch, step=0, global_step=0, epochs=epochs, steps_per_epoch=2)
-
-
-def np_logits(model: nn.Module, idx: torch.Tensor) -> np.ndarray:
-    w = model[1].weight.detach().double().numpy()
-    b = model[1].bias.detach().double().numpy()
-    return X[idx].reshape(len(idx), 12).double().numpy() @ w.T + b
-
-
-IDX = torch.tensor([0, 3, 5, 6])
 
 
 def test_registered_with_paper_defaults() -> None:
@@ -231,31 +200,6 @@ def test_shipped_config_builds() -> None:
 def test_end_to_end_and_resume(tiny_dict) -> None:
     tiny_dict["method"] = {"name": "pskd"}
     tiny_dict["train"]["epochs"] = 2
-    tiny_dict["run"]["name"] = "full"
-    train(config_from_dict(tiny_dict), quiet=True)
-    out = Path(tiny_dict["run"]["out_dir"])
-
-    def rows(name: str) -> list[dict]:
-        lines = (out / name / "metrics.jsonl").read_text().splitlines()
-        return [
-            {k: v for k, v in json.loads(x).items() if "seconds" not in k and "per_iter" not in k}
-            for x in lines
-        ]
-
-    full = rows("full")
+    full = assert_resume_is_exact(tiny_dict)  # the bank comes back with the checkpoint
     assert [r["train_alpha_t"] for r in full] == pytest.approx([0.4, 0.8])
     assert all("train_pskd" in r for r in full)
-
-    class Stop(Exception):
-        pass
-
-    def stop(trainer, epoch):
-        if epoch == 1:
-            raise Stop
-
-    tiny_dict["run"]["name"] = "crashed"
-    cfg = config_from_dict(tiny_dict)
-    with pytest.raises(Stop):
-        Trainer(cfg, quiet=True, callbacks=[stop]).fit()
-    train(cfg, resume=True, quiet=True)
-    assert rows("crashed") == full  # the bank came back with the checkpoint

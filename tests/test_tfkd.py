@@ -3,23 +3,31 @@ near-uniform virtual teacher, the frozen teacher, and end-to-end runs with resum
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import selfkd.methods.tfkd  # noqa: F401  (registers the methods)
+from helpers import (
+    IDX,
+    LABELS,
+    K,
+    assert_resume_is_exact,
+    batch,
+    np_log_softmax,
+    np_logits,
+    phase1_loader,
+    tiny,
+    toy_ctx,
+)
 from selfkd.config import config_from_dict, load_config
-from selfkd.engine import Trainer, train
 from selfkd.errors import ConfigError, ModelError
 from selfkd.losses.smoothing import tfkd_kd_weight, tfkd_reg_loss, tfkd_self_loss, virtual_teacher
 from selfkd.methods.base import (
     METHODS,
-    Batch,
     MethodContext,
     StepInfo,
     build_method,
@@ -32,11 +40,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "methods"
 Z = torch.tensor([[2.0, -1.0, 0.5, 0.0], [0.1, 0.2, 3.0, -2.0], [-1.0, 1.5, 0.0, 0.3]])
 ZT = torch.tensor([[1.0, 0.0, 2.5, -0.5], [0.3, -0.2, 1.0, 0.0], [0.0, 2.0, -1.0, 1.0]])
 Y = torch.tensor([0, 2, 3])
-
-
-def np_log_softmax(z: np.ndarray) -> np.ndarray:
-    m = z.max(axis=1, keepdims=True)
-    return z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))
 
 
 def np_ce(z: np.ndarray, y: np.ndarray) -> float:
@@ -148,47 +151,8 @@ def test_bad_inputs() -> None:
 
 
 # --- the methods ------------------------------------------------------------------------------
-N, K = 8, 5
-LABELS = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
-X = torch.randn(N, 3, 4, generator=torch.Generator().manual_seed(0))
-IDX = torch.tensor([0, 3, 5, 6])
-
-
-def tiny(seed: int, k: int = K) -> nn.Module:
-    model = nn.Sequential(nn.Flatten(), nn.Linear(12, k))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model[1].weight.copy_(0.5 * torch.randn(k, 12, generator=gen))
-        model[1].bias.copy_(0.1 * torch.randn(k, generator=gen))
-    return model
-
-
-def np_logits(model: nn.Module, idx: torch.Tensor) -> np.ndarray:
-    w = model[1].weight.detach().double().numpy()
-    b = model[1].bias.detach().double().numpy()
-    return X[idx].reshape(len(idx), 12).double().numpy() @ w.T + b
-
-
 def ctx(loaded: list, teacher_classes: int = K) -> MethodContext:
-    def load_model(path: str) -> nn.Module:
-        assert path == "phase1.pt"
-        loaded.append(tiny(1, teacher_classes))
-        return loaded[-1]
-
-    return MethodContext(
-        num_classes=K,
-        num_train=N,
-        train_labels=LABELS,
-        epochs=2,
-        steps_per_epoch=2,
-        device=torch.device("cpu"),
-        build_model=lambda: tiny(99),
-        load_model=load_model,
-    )
-
-
-def batch(idx: torch.Tensor) -> Batch:
-    return Batch(inputs=X[idx], targets=LABELS[idx], indices=idx, raw=X[idx], augment=lambda t: t)
+    return toy_ctx(phase1_loader(loaded, teacher_classes))
 
 
 INFO = StepInfo(epoch=0, step=0, global_step=0, epochs=2, steps_per_epoch=2)
@@ -288,43 +252,14 @@ def test_shipped_configs_build(name: str) -> None:
     assert cfg.method == method_defaults(name)
 
 
-def rows(out: Path, name: str) -> list[dict]:
-    lines = (out / name / "metrics.jsonl").read_text().splitlines()
-    return [
-        {k: v for k, v in json.loads(x).items() if "seconds" not in k and "per_iter" not in k}
-        for x in lines
-    ]
-
-
-class Stop(Exception):
-    pass
-
-
-def stop(trainer, epoch):
-    if epoch == 1:
-        raise Stop
-
-
 @pytest.mark.parametrize("name", ["tfkd_self", "tfkd_reg"])
 def test_end_to_end_and_resume(tiny_dict, name: str) -> None:
-    from selfkd.engine.runner import phase1_config, resolve_teacher
+    from selfkd.engine.runner import phase1_config
 
     tiny_dict["method"] = {"name": name}
     tiny_dict["train"]["epochs"] = 2
     tiny_dict["run"]["name"] = "full"
-    cfg = config_from_dict(tiny_dict)
-    train(cfg, quiet=True)
-    out = Path(tiny_dict["run"]["out_dir"])
-    full = rows(out, "full")
+    full = assert_resume_is_exact(tiny_dict)
     assert len(full) == 2 and "train_ce" in full[0] and "train_kd" in full[0]
-    phase1 = phase1_config(cfg)
+    phase1 = phase1_config(config_from_dict(tiny_dict))
     assert (Path(phase1.run.out_dir) / phase1.run.name).exists() == (name == "tfkd_self")
-
-    tiny_dict["run"]["name"] = "crashed"
-    cfg = config_from_dict(tiny_dict)
-    method = build_method(cfg.method)
-    resolve_teacher(cfg, method, quiet=True, log=lambda *_: None)
-    with pytest.raises(Stop):
-        Trainer(cfg, method=method, quiet=True, callbacks=[stop]).fit()
-    train(cfg, resume=True, quiet=True)
-    assert rows(out, "crashed") == full

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import ClassVar
@@ -13,8 +12,8 @@ import torch
 from torch import nn
 
 import selfkd.methods.zfls  # noqa: F401  (registers the method)
-from selfkd.config import config_from_dict, load_config
-from selfkd.engine import Trainer, train
+from helpers import assert_resume_is_exact
+from selfkd.config import load_config
 from selfkd.errors import ConfigError, ModelError
 from selfkd.losses.zfls import (
     dense_votes,
@@ -214,37 +213,13 @@ def test_params_are_validated() -> None:
 
 
 # --- end to end -----------------------------------------------------------------------------
-def _rows(run: Path) -> list[dict]:
-    return [
-        {k: v for k, v in json.loads(x).items() if "seconds" not in k and "per_iter" not in k}
-        for x in (run / "metrics.jsonl").read_text().splitlines()
-    ]
-
-
 def test_end_to_end_and_exact_resume(tiny_dict) -> None:
     tiny_dict["method"] = {"name": "zfls"}
     tiny_dict["train"]["epochs"] = 2
-    tiny_dict["run"]["name"] = "full"
-    train(config_from_dict(tiny_dict), quiet=True)
-    out = Path(tiny_dict["run"]["out_dir"])
-    rows = _rows(out / "full")
+    rows = assert_resume_is_exact(tiny_dict)
     assert len(rows) == 2
     for term in ("train_ce", "train_zipf", "train_loss"):
         assert term in rows[0] and math.isfinite(rows[0][term])
-
-    class Stop(Exception):
-        pass
-
-    def stop(trainer, epoch):
-        if epoch == 1:
-            raise Stop
-
-    tiny_dict["run"]["name"] = "crashed"
-    cfg = config_from_dict(tiny_dict)
-    with pytest.raises(Stop):
-        Trainer(cfg, quiet=True, callbacks=[stop]).fit()
-    train(cfg, resume=True, quiet=True)
-    assert _rows(out / "crashed") == rows
 
 
 def test_shipped_config_loads() -> None:

@@ -50,7 +50,7 @@ class SelfKD:
         num_train: int,
         epochs: int,
         steps_per_epoch: int,
-        train_labels: Tensor | None = None,
+        train_labels: Tensor,
         teacher: nn.Module | None = None,
         input_shape: tuple[int, int, int] = (3, 32, 32),
         augment: Any = None,
@@ -74,9 +74,12 @@ class SelfKD:
         self._last: tuple[Batch, StepOutput] | None = None
         self._global_step = 0
         self._epoch_started: int | None = None
-        if train_labels is None:
-            # without labels a bank cannot start one-hot; methods that need them say so
-            train_labels = torch.zeros(num_train, dtype=torch.long)
+        train_labels = torch.as_tensor(train_labels)
+        if train_labels.shape != (num_train,):
+            raise ConfigError(
+                f"train_labels must hold one label per training sample ({num_train}), "
+                f"got shape {tuple(train_labels.shape)}"
+            )
 
         param = self.method.teacher_param
         if param is not None and self.method.needs_teacher():
@@ -124,17 +127,19 @@ class SelfKD:
         return [p for m in self.method.main_optimizer_modules() for p in m.parameters()]
 
     def loss(
-        self, inputs: Tensor, targets: Tensor, indices: Tensor | None = None, epoch: int = 0
+        self, inputs: Tensor, targets: Tensor, indices: Tensor, epoch: int
     ) -> tuple[Tensor, dict[str, float]]:
-        """The method's loss on one batch (already augmented) and its named terms as floats."""
+        """The method's loss on one batch (already augmented) and its named terms as floats.
+
+        ``indices`` are the samples' dataset indices (0..num_train-1): methods with a
+        per-sample memory (PS-KD, AI-KD) read and write their rows by them.
+        """
         if self._epoch_started != epoch:
             self.method.on_epoch_start(self.model, epoch)
             self._epoch_started = epoch
             self._step_in_epoch = 0
         inputs = inputs.to(self.device)
         targets = targets.to(self.device)
-        if indices is None:
-            indices = torch.zeros_like(targets)
         batch = Batch(
             inputs=inputs,
             targets=targets,
