@@ -60,6 +60,8 @@ class DataConfig:
     augment: dict[str, Any] = field(default_factory=dict)
     normalize: dict[str, Any] | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    #: mixing augmentation {name: cutout|mixup|cutmix, ...} (selfkd.data.mixing); empty = off
+    mix: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -237,6 +239,9 @@ def validate_values(cfg: Config) -> None:
         raise ConfigError("train.milestones must be increasing, e.g. [150, 225]")
     if "/" in cfg.run.name or cfg.run.name in (".", ".."):
         raise ConfigError(f"run.name {cfg.run.name!r} must be a plain name, not a path")
+    from selfkd.data.mixing import Mixer
+
+    Mixer.from_config(cfg.data.mix)  # unknown keys/values of data.mix fail here
     method = cfg.method
     if not isinstance(method, dict) or not isinstance(method.get("name"), str):
         raise ConfigError("method must be a mapping with a 'name', e.g. method: {name: ce}")

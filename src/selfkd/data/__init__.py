@@ -23,11 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from selfkd.data import cifar, idx, imagefolder, synthetic  # noqa: F401  (register entries)
+# imported to register their dataset entries
+from selfkd.data import cifar, finegrained, idx, imagefolder, synthetic, tinyimagenet  # noqa: F401
 from selfkd.data.augment import BatchTransform
 from selfkd.data.base import ArrayImageDataset, AugmentSpec, RawSplits
 from selfkd.data.imagefolder import FileImageDataset, build_file_transforms
 from selfkd.data.loader import BatchSampler, EpochLoader, epoch_seed
+from selfkd.data.mixing import Mixer, MixInfo
 from selfkd.data.registry import DATASETS, check_options
 from selfkd.data.splits import per_class_subset, train_val_split
 from selfkd.errors import ConfigError
@@ -41,6 +43,8 @@ __all__ = [
     "DataBundle",
     "EpochLoader",
     "FileImageDataset",
+    "MixInfo",
+    "Mixer",
     "RawSplits",
     "build_data",
     "check_options",

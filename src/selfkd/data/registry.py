@@ -3,8 +3,9 @@
 Each entry is a function ``(root: str | None, **options) -> RawSplits`` registered in
 :data:`DATASETS`; its first docstring line is what ``selfkd list`` shows. Entries validate their
 options with :func:`check_options` (unknown options are a ConfigError listing the accepted ones).
-The built-in entries (cifar10, cifar100, fashion-mnist, mnist, imagefolder, synthetic) register
-themselves when :mod:`selfkd.data` is imported.
+The built-in entries (cifar10, cifar100, fashion-mnist, mnist, imagefolder, synthetic,
+tiny-imagenet, cub200, stanford-dogs, mit67, fgvc-aircraft, caltech101) register themselves when
+:mod:`selfkd.data` is imported.
 """
 
 from __future__ import annotations

@@ -48,6 +48,8 @@ def phase1_key(phase1: Config) -> str:
     }
     for key in ("workers",):
         shaping["data"].pop(key, None)
+    if not shaping["data"].get("mix"):
+        shaping["data"].pop("mix", None)  # keys of runs from before data.mix existed stay valid
     blob = json.dumps(shaping, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 

@@ -1,6 +1,7 @@
 """The training loop. It knows nothing about any particular method.
 
-Per step: move the batch to the device, augment it there, ask the method for a loss
+Per step: move the batch to the device, augment it there (then ``data.mix``: Cutout, Mixup or
+CutMix, on half the batch for methods whose ``mixing`` is "split"), ask the method for a loss
 (:meth:`Method.training_step`), back-propagate (with a gradient scaler under fp16), clip,
 step the optimizer, and let the method update its state (:meth:`Method.after_optimizer_step`).
 Per epoch: evaluate on the test split (and the held-out validation split when there is one),
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from selfkd import metrics as M
 from selfkd.config import Config
+from selfkd.data.mixing import Mixer
 from selfkd.engine import checkpoint as ckpt
 from selfkd.engine.device import (
     amp_dtype,
@@ -127,6 +129,13 @@ class Trainer:
         if cfg.run.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.method = method if method is not None else build_method(cfg.method)
+        # data.mix: refused before the run directory is touched if the method cannot take it
+        self.mixer = Mixer.from_config(cfg.data.mix, image_size=self._input_shape()[1:])
+        self.mix_split = (
+            self.mixer.split_for(self.method.name, self.method.mixing)
+            if self.mixer is not None
+            else False
+        )
         self.run.prepare(resume=resume, overwrite=overwrite)
         self.log = self.run.logger(cfg.run.name, quiet=quiet)
 
@@ -261,6 +270,8 @@ class Trainer:
         for key in ("crop_padding", "hflip"):
             if key in info and key not in resolved["data"]["augment"]:
                 resolved["data"]["augment"][key] = info[key]
+        if self.mixer is not None:
+            resolved["data"]["mix"] = self.mixer.describe(split=self.mix_split)
         return resolved
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -428,10 +439,18 @@ class Trainer:
         targets = y.to(self.device, non_blocking=True)
         indices = idx.to(self.device, non_blocking=True)
         inputs = transform.train(raw)
+        mix = None
+        if self.mixer is not None:
+            inputs, mix = self.mixer.apply(inputs, targets, split=self.mix_split)
         if cfg.run.channels_last and inputs.dim() == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         batch = Batch(
-            inputs=inputs, targets=targets, indices=indices, raw=raw, augment=transform.train
+            inputs=inputs,
+            targets=targets,
+            indices=indices,
+            raw=raw,
+            augment=transform.train,
+            mix=mix,
         )
         info = StepInfo(
             epoch=epoch,

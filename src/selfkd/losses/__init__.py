@@ -4,7 +4,7 @@ Every function takes plain tensors (and, for adversarial losses, a critic module
 batch-mean scalar (some also a dict of named terms); each docstring gives the formula and the
 paper. One module per family: ``core`` (tempered KL, soft-target CE, WGAN-GP critic, AI-KD),
 ``smoothing`` (label smoothing, TF-KD), ``pskd``, ``cskd``, ``drg`` (DRG, DSR), ``byot``,
-``dlb`` and ``zfls``.
+``dlb``, ``zfls`` and ``mixing`` (Mixup/CutMix targets).
 """
 
 from selfkd.losses.byot import byot_loss, feature_hint_loss
@@ -20,6 +20,7 @@ from selfkd.losses.core import (
 from selfkd.losses.cskd import cskd_loss
 from selfkd.losses.dlb import dlb_loss
 from selfkd.losses.drg import drg_dsr_loss, reverse_guidance_loss, shape_regularization_loss
+from selfkd.losses.mixing import mixed_ce, mixed_targets, split_loss
 from selfkd.losses.pskd import pskd_alpha, pskd_loss, pskd_targets
 from selfkd.losses.smoothing import (
     label_smoothing_loss,
@@ -43,6 +44,8 @@ __all__ = [
     "gradient_penalty",
     "label_smoothing_loss",
     "min_ranks",
+    "mixed_ce",
+    "mixed_targets",
     "pskd_alpha",
     "pskd_loss",
     "pskd_targets",
@@ -50,6 +53,7 @@ __all__ = [
     "shape_regularization_loss",
     "smoothed_targets",
     "soft_target_ce",
+    "split_loss",
     "tempered_kl",
     "tfkd_kd_weight",
     "tfkd_reg_loss",

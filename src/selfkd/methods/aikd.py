@@ -65,12 +65,21 @@ Decisions (SPEC §1):
   ``critic_gp``, ``adv_skipped`` (when ω > 0) and ``loss`` (the total L_AI).
 - Under DDP every rank keeps its own critic (not synchronised); the bank's ``update`` takes a
   ``gather`` callable (:attr:`AIKD.gather`) for DDP-consistent rows.
+- **With Cutout/Mixup/CutMix** (``data.mix``; paper table 7 reports AI-KD + each, without
+  details): ``mixing = "split"``, PS-KD's rule (PS-KD §4.1): the engine mixes a random half of
+  the batch (``batch.mix.rows``). Unmixed rows take L_AI exactly as above: the superior forward,
+  the previous-epoch predictions, the critic update and L_G/L_P/L_A use the unmixed rows only.
+  Mixed rows take the mixing CE on hard labels λ·CE(z, y) + (1−λ)·CE(z, y[π]). The step loss is
+  ``(n_unmixed·L_AI + n_mixed·L_mix)/B`` (:func:`selfkd.losses.mixing.split_loss`); only unmixed
+  rows are written to the bank (a mixed image's prediction is not one of sample i). Terms: the
+  L_AI terms over unmixed rows, ``mix_ce`` over mixed rows, ``loss`` the combined step loss.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable
@@ -83,6 +92,7 @@ from torch import Tensor, nn
 from selfkd.banks import BANK_DTYPES, Gather, PredictionBank
 from selfkd.errors import ConfigError, ModelError, TrainingError
 from selfkd.losses import aikd_loss, wgan_critic_loss
+from selfkd.losses.mixing import mixed_ce, split_loss
 from selfkd.methods.base import METHODS, Batch, Method, MethodContext, StepInfo, StepOutput
 from selfkd.methods.critic import CRITIC_NORMS, Critic
 
@@ -241,6 +251,7 @@ class AIKD(Method):
     name = "aikd"
     Params = AIKDParams
     teacher_param = "superior"
+    mixing = "split"
 
     critic: Critic | None
     bank: PredictionBank | None
@@ -336,7 +347,23 @@ class AIKD(Method):
             raise RuntimeError("AIKD.setup(model, ctx) must be called before training_step")
         w = self.weights
         p: AIKDParams = self.params
-        logits = model(batch.inputs)
+        all_logits = model(batch.inputs)
+        logits, mix, batch_targets = all_logits, batch.mix, batch.targets
+        if mix is not None:  # data.mix: L_AI on the unmixed rows only (PS-KD §4.1's rule)
+            keep = ~mix.rows
+            logits = all_logits[keep]
+            if logits.shape[0] == 0:
+                raise ConfigError(
+                    "method aikd needs unmixed rows in every batch: use data.mix's split rule"
+                )
+            batch = dataclasses.replace(
+                batch,
+                inputs=batch.inputs[keep],
+                targets=batch.targets[keep],
+                indices=batch.indices[keep],
+                raw=batch.raw[keep],
+                mix=None,
+            )
         superior_logits = None
         if self.needs_teacher():
             superior = self._frozen["superior"]
@@ -386,13 +413,23 @@ class AIKD(Method):
                 tau_p=p.tau_p,
                 critic_input=p.critic_input,
             )
-        terms = {**terms, **extra, "loss": loss.detach()}
-        return StepOutput(loss=loss, logits=logits, targets=batch.targets, terms=terms)
+        terms = {**terms, **extra}
+        if mix is not None:
+            mix_loss = mixed_ce(all_logits, batch_targets, mix)
+            loss = split_loss(loss, mix_loss, mix)
+            terms["mix_ce"] = mix_loss.detach()
+        terms["loss"] = loss.detach()
+        return StepOutput(loss=loss, logits=all_logits, targets=batch_targets, terms=terms)
 
     def after_optimizer_step(self, model: nn.Module, batch: Batch, out: StepOutput) -> None:
-        # the step's (pre-update) training predictions become next epoch's p_{t-1}
+        # the step's (pre-update) training predictions become next epoch's p_{t-1};
+        # mixed rows are not predictions of their sample and are not written
         if self.bank is not None:
-            self.bank.update(batch.indices, out.logits, gather=self.gather)
+            indices, logits = batch.indices, out.logits
+            if batch.mix is not None:
+                keep = ~batch.mix.rows
+                indices, logits = indices[keep], logits[keep]
+            self.bank.update(indices, logits, gather=self.gather)
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
         if self.weights["alpha_p"] > 0 and self.params.prev_source == "snapshot":

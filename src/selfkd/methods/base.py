@@ -20,7 +20,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,9 @@ from selfkd.config import build_dataclass
 from selfkd.errors import ConfigError
 from selfkd.registry import Registry
 
+if TYPE_CHECKING:
+    from selfkd.data.mixing import MixInfo
+
 
 @dataclass
 class Batch:
@@ -36,7 +39,9 @@ class Batch:
 
     ``inputs`` are augmented and normalized; ``raw`` are the images before the on-device
     augmentation (for methods that need a second view: ``augment(raw)`` draws a new one);
-    ``indices`` are dataset indices (0..num_train-1) for per-sample memories.
+    ``indices`` are dataset indices (0..num_train-1) for per-sample memories. ``mix`` says how
+    ``inputs`` were mixed by ``data.mix`` (:class:`~selfkd.data.mixing.MixInfo`: partners, λ, mixed
+    rows; ``targets`` stay the rows' own labels), None when they were not.
     """
 
     inputs: Tensor
@@ -44,6 +49,7 @@ class Batch:
     indices: Tensor
     raw: Tensor
     augment: Callable[[Tensor], Tensor]
+    mix: MixInfo | None = None
 
 
 @dataclass
@@ -104,6 +110,9 @@ class Method(nn.Module):
     Params: ClassVar[type] = NoParams
     #: name of the parameter that holds a phase-1 checkpoint ("auto" = train/reuse one)
     teacher_param: ClassVar[str | None] = None
+    #: which ``data.mix`` batches (mixup/cutmix) it takes: "none" (refused at start-up),
+    #: "full" (the whole batch mixed) or "split" (half the batch, the papers' rule for self-KD)
+    mixing: ClassVar[str] = "none"
 
     def __init__(self, params: Any = None) -> None:
         super().__init__()

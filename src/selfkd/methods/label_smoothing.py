@@ -17,6 +17,10 @@ Decisions:
   (TF-KD's code, yuanli2333/Teacher-free-Knowledge-Distillation @d000ab3, ``loss_label_smoothing``).
 - Terms logged: ``ls`` (the smoothed CE, the loss) and ``ce`` (the plain hard-label CE, for
   comparison with other methods; not trained on).
+- ``data.mix`` mixup/cutmix (``mixing = "full"``: the whole batch is mixed): both labels of a
+  mixed row are smoothed, t = λ·s(y) + (1−λ)·s(y[π])
+  (:func:`selfkd.losses.mixing.mixed_targets`); ``mix_ce`` logs the hard-label mixed CE (not
+  trained on). PS-KD §1 notes LS and CutMix together degrade accuracy and calibration.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfkd.errors import ConfigError
+from selfkd.losses.core import soft_target_ce
+from selfkd.losses.mixing import mixed_ce, mixed_targets
 from selfkd.losses.smoothing import SPREADS, label_smoothing_loss
 from selfkd.methods.base import METHODS, Batch, Method, MethodContext, StepInfo, StepOutput
 
@@ -57,6 +63,7 @@ class LabelSmoothing(Method):
 
     name = "label_smoothing"
     Params = LabelSmoothingParams
+    mixing = "full"
 
     def __init__(self, params: LabelSmoothingParams | None = None) -> None:
         super().__init__(params)
@@ -72,9 +79,15 @@ class LabelSmoothing(Method):
     def training_step(self, model: nn.Module, batch: Batch, info: StepInfo) -> StepOutput:
         p: LabelSmoothingParams = self.params
         logits = model(batch.inputs)
-        loss = label_smoothing_loss(logits, batch.targets, p.epsilon, p.spread)
+        terms: dict[str, torch.Tensor] = {}
+        if batch.mix is None:
+            loss = label_smoothing_loss(logits, batch.targets, p.epsilon, p.spread)
+        else:
+            t = mixed_targets(batch.targets, batch.mix, logits.shape[1], p.epsilon, p.spread)
+            loss = soft_target_ce(logits, t.to(logits.device))
+            with torch.no_grad():
+                terms["mix_ce"] = mixed_ce(logits, batch.targets, batch.mix, rows_only=False)
         with torch.no_grad():
             ce = F.cross_entropy(logits.float(), batch.targets)
-        return StepOutput(
-            loss=loss, logits=logits, targets=batch.targets, terms={"ls": loss.detach(), "ce": ce}
-        )
+        terms = {"ls": loss.detach(), "ce": ce, **terms}
+        return StepOutput(loss=loss, logits=logits, targets=batch.targets, terms=terms)

@@ -30,7 +30,16 @@ Decisions:
 - The bank is a submodule: it is saved in every checkpoint and restored on resume (the
   official code saves ``prev_predictions`` too). α_t is recomputed from the epoch, not stored.
 - Terms logged: ``pskd`` (the loss) and ``alpha_t``.
-- Not implemented: the paper's PS-KD + CutMix/Cutout variant (absent from the official code).
+- **With CutMix/Cutout/Mixup** (``data.mix``; paper §4.1, absent from the official code):
+  ``mixing = "split"``, the paper's rule: the engine mixes a random half of the shuffled batch
+  (``batch.mix.rows``) and leaves the other half untouched. Unmixed rows take the PS-KD loss
+  exactly as above; mixed rows take the mixing CE on hard labels,
+  λ·CE(z, y) + (1−λ)·CE(z, y[π]) (λ = 1 for Cutout rows), not PS-KD targets. The step loss is
+  ``(n_unmixed·L_pskd + n_mixed·L_mix)/B`` (:func:`selfkd.losses.mixing.split_loss`), so every
+  sample weighs as in an unmixed batch. **Bank writes**: only unmixed rows are written back; a
+  mixed image's prediction is not a prediction of sample i (it shows two samples), so a mixed
+  sample keeps its older row until a step in which it is unmixed (each epoch a sample is unmixed
+  with probability ~1/2). Terms: ``pskd`` (over unmixed rows) and ``mix_ce`` (over mixed rows).
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from torch import nn
 
 from selfkd.banks import BANK_DTYPES, Gather, PredictionBank
 from selfkd.errors import ConfigError
+from selfkd.losses.mixing import mixed_ce, split_loss
 from selfkd.losses.pskd import pskd_alpha, pskd_loss
 from selfkd.methods.base import METHODS, Batch, Method, MethodContext, StepInfo, StepOutput
 
@@ -73,6 +83,7 @@ class PSKD(Method):
 
     name = "pskd"
     Params = PSKDParams
+    mixing = "split"
 
     bank: PredictionBank | None
 
@@ -101,21 +112,36 @@ class PSKD(Method):
     def training_step(self, model: nn.Module, batch: Batch, info: StepInfo) -> StepOutput:
         if self.bank is None:
             raise RuntimeError("PSKD.setup(model, ctx) must be called before training_step")
-        logits = model(batch.inputs)
+        all_logits = model(batch.inputs)
         alpha_t = self.alpha_at(info.epoch)
+        mix = batch.mix
+        # under data.mix only the unmixed rows take PS-KD targets (paper §4.1)
+        keep = None if mix is None else ~mix.rows
+        logits = all_logits if keep is None else all_logits[keep]
+        targets = batch.targets if keep is None else batch.targets[keep]
+        indices = batch.indices if keep is None else batch.indices[keep]
         if info.epoch == 0:  # official: epoch-0 memory rows are the one-hot labels
-            prev = F.one_hot(batch.targets.long(), logits.shape[1]).float()
+            prev = F.one_hot(targets.long(), logits.shape[1]).float()
         else:
-            log_p = self.bank.lookup(batch.indices).to(logits.device, non_blocking=True)
+            log_p = self.bank.lookup(indices).to(logits.device, non_blocking=True)
             prev = torch.softmax(log_p, dim=1)
-        loss = pskd_loss(logits, batch.targets, prev, alpha_t)
-        terms = {
-            "pskd": loss.detach(),
-            "alpha_t": torch.tensor(alpha_t, device=logits.device),
-        }
-        return StepOutput(loss=loss, logits=logits, targets=batch.targets, terms=terms)
+        loss = pskd_loss(logits, targets, prev, alpha_t) if logits.shape[0] else None
+        terms = {"alpha_t": torch.tensor(alpha_t, device=logits.device)}
+        if loss is not None:
+            terms["pskd"] = loss.detach()
+        if mix is not None:
+            mix_loss = mixed_ce(all_logits, batch.targets, mix)
+            loss = split_loss(loss, mix_loss, mix)
+            terms["mix_ce"] = mix_loss.detach()
+        assert loss is not None
+        return StepOutput(loss=loss, logits=all_logits, targets=batch.targets, terms=terms)
 
     def after_optimizer_step(self, model: nn.Module, batch: Batch, out: StepOutput) -> None:
-        # this step's (pre-update) training predictions become next epoch's p_{t-1}
+        # this step's (pre-update) training predictions become next epoch's p_{t-1};
+        # mixed rows are not predictions of their sample and are not written
         if self.bank is not None:
-            self.bank.update(batch.indices, out.logits, gather=self.gather)
+            indices, logits = batch.indices, out.logits
+            if batch.mix is not None:
+                keep = ~batch.mix.rows
+                indices, logits = indices[keep], logits[keep]
+            self.bank.update(indices, logits, gather=self.gather)
