@@ -22,9 +22,7 @@ def is_sweep(path: Path) -> bool:
     return isinstance(data, dict) and ("grid" in data or "runs" in data)
 
 
-ALL = sorted(
-    p for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("_") and not is_sweep(p)
-)
+ALL = sorted(p for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("_") and not is_sweep(p))
 SMOKE = sorted(p for p in (CONFIGS / "methods").glob("*.yaml") if not p.name.startswith("_"))
 
 

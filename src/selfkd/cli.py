@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from selfkd.errors import SelfKDError
+from selfkd.errors import RunInterrupted, SelfKDError
 
 SUMMARY_KEYS = [
     ("top1_err", "Top-1 err (%)"),
@@ -54,12 +54,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_path = Path(cfg.run.out_dir) / cfg.run.name
     try:
         final = train(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RunInterrupted) as exc:
+        resume = (
+            f"selfkd train --config {args.config}"
+            + "".join(f" --set {s}" for s in args.set)
+            + " --resume"
+        )
+        if isinstance(exc, RunInterrupted):
+            print(f"\n{exc}\nresume with: {resume}", file=sys.stderr)
+            return exc.exit_code
         print(
             f"\ninterrupted; the last finished epoch is saved in {run_path}/checkpoints/last.pt"
-            f"\nresume with: selfkd train --config {args.config}"
-            + "".join(f" --set {s}" for s in args.set)
-            + " --resume",
+            f"\nresume with: {resume}",
             file=sys.stderr,
         )
         return 130
@@ -110,6 +116,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from selfkd.report.figures import plot_runs
+
+    plot_runs(
+        args.runs,
+        args.out,
+        kind=args.kind,
+        classes=args.classes,
+        max_points=args.max_points,
+        which=args.checkpoint,
+        device=args.device,
+        log=print,
+    )
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from selfkd.data import DATASETS
     from selfkd.methods import METHODS
@@ -120,6 +142,26 @@ def cmd_list(args: argparse.Namespace) -> int:
         for name, doc in registry.describe():
             print(f"  {name:<20} {doc}")
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from selfkd.sweep import load_sweep, plan_table, run_sweep
+
+    sweep = load_sweep(args.file, args.set, args.only)  # validates every run before any trains
+    print(f"plan ({args.file}):\n{plan_table(sweep.runs)}")
+    if args.dry_run:
+        return 0
+    try:
+        result = run_sweep(sweep.runs, quiet=not args.verbose)
+    except (KeyboardInterrupt, RunInterrupted) as exc:
+        stopped = f"\n{exc}" if isinstance(exc, RunInterrupted) else "\ninterrupted"
+        print(
+            f"{stopped}\nrerun the same command to resume (finished runs are skipped)",
+            file=sys.stderr,
+        )
+        return exc.exit_code if isinstance(exc, RunInterrupted) else 130
+    print(result.summary())
+    return 0 if result.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,6 +197,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="also write the table as CSV to this file")
     p.add_argument("--no-cost", action="store_true", help="omit the cost table")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("plot", help="figures over runs: reliability, t-SNE, overlay, curves")
+    p.add_argument("runs", nargs="+", help="run directories or folders holding runs")
+    p.add_argument("--out", required=True, help="folder to write the PNG files into")
+    p.add_argument("--kind", default="all", help="reliability, tsne, overlay, curves or all")
+    p.add_argument("--classes", nargs="+", type=int, help="t-SNE classes (default: first 10)")
+    p.add_argument("--max-points", type=int, default=2000, help="t-SNE points at most")
+    p.add_argument("--checkpoint", choices=["last", "best"], default="last")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("sweep", help="expand a sweep file and train its runs (resumable)")
+    p.add_argument("file", help="sweep YAML file (base, name, out_dir, grid, set, runs)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    p.add_argument(
+        "--only", metavar="PATTERN", help="only runs whose name matches (glob/substring)"
+    )
+    p.add_argument(
+        "--set",
+        "-s",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value of every run, e.g. --set train.epochs=1 (repeatable)",
+    )
+    p.add_argument("--verbose", "-v", action="store_true", help="show each run's training log")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("list", help="list methods, datasets and models")
     p.set_defaults(func=cmd_list)

@@ -35,3 +35,15 @@ class RunDirError(SelfKDError):
 
 class TrainingError(SelfKDError):
     """Training had to stop (non-finite loss, critic divergence, ...)."""
+
+
+class RunInterrupted(SelfKDError):
+    """A signal (SIGTERM, SIGINT) stopped training after a checkpoint was written."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

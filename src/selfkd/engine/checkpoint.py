@@ -74,12 +74,22 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Serialize ``payload`` with torch.save and write it atomically."""
+    """Serialize ``payload`` with torch.save and write it atomically.
+
+    A failed write (full disk, I/O error) leaves the previous file untouched and raises
+    CheckpointError.
+    """
     import io
 
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, **payload}, buffer)
-    atomic_write_bytes(Path(path), buffer.getvalue())
+    try:
+        atomic_write_bytes(Path(path), buffer.getvalue())
+    except OSError as exc:
+        raise CheckpointError(
+            f"could not write checkpoint {path} ({exc.strerror or exc}); the previous "
+            "checkpoint is intact: free disk space and continue with --resume"
+        ) from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -16,7 +16,9 @@ from __future__ import annotations
 import copy
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,7 +42,7 @@ from selfkd.engine.device import (
 )
 from selfkd.engine.optim import build_optimizer, lr_at, set_lr
 from selfkd.engine.rundir import RunDir, close_logger
-from selfkd.errors import CheckpointError, ConfigError, TrainingError
+from selfkd.errors import CheckpointError, ConfigError, RunInterrupted, TrainingError
 from selfkd.methods import Batch, Method, MethodContext, StepInfo, build_method
 
 Callback = Callable[["Trainer", int], None]
@@ -175,6 +177,9 @@ class Trainer:
             self.forward_model = torch.compile(self.model)
 
         self.epoch = 0
+        self.step_in_epoch = 0  # > 0 only while resuming in the middle of an epoch
+        self._partial: dict[str, Any] | None = None
+        self._stop_signal: int | None = None
         self.global_step = 0
         self.best_value: float | None = None
         self.best_epoch: int | None = None
@@ -296,6 +301,8 @@ class Trainer:
             "rng": rng_state(),
             "progress": {
                 "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch,
+                "partial": self._partial,
                 "global_step": self.global_step,
                 "best_value": self.best_value,
                 "best_epoch": self.best_epoch,
@@ -323,6 +330,8 @@ class Trainer:
         set_rng_state(data["rng"])
         progress = data["progress"]
         self.epoch = int(progress["epoch"])
+        self.step_in_epoch = int(progress.get("step_in_epoch", 0))
+        self._partial = progress.get("partial")
         self.global_step = int(progress["global_step"])
         self.best_value = progress.get("best_value")
         self.best_epoch = progress.get("best_epoch")
@@ -334,9 +343,11 @@ class Trainer:
         """Train to ``train.epochs`` (continuing after a resume); return the final metrics."""
         cfg = self.cfg
         try:
+            self._install_signal_handlers()
             if self.resume:
                 self.log.info(
                     f"resuming {self.run.path} at epoch {self.epoch + 1}/{cfg.train.epochs}"
+                    + (f", step {self.step_in_epoch + 1}" if self.step_in_epoch else "")
                 )
             else:
                 self.log.info(
@@ -361,20 +372,70 @@ class Trainer:
                     callback(self, self.epoch)
             final = self.finalize()
         finally:
+            self._restore_signal_handlers()
             if self.tb is not None:
                 self.tb.close()
             close_logger(self.log)
         return final
 
+    # --- signals ----------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT ask the loop to checkpoint after the current step and stop."""
+        self._old_handlers: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def ask_to_stop(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None:  # a second signal: stop at once
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._old_handlers[signum] = signal.signal(signum, ask_to_stop)
+
+    def _restore_signal_handlers(self) -> None:
+        for signum, handler in getattr(self, "_old_handlers", {}).items():
+            signal.signal(signum, handler)
+        self._old_handlers = {}
+
+    def _stop_if_asked(
+        self, epoch: int, sums: dict[str, Tensor], seen: int, wrong: Tensor, start: float
+    ) -> None:
+        """After a step: if a signal arrived, write a mid-epoch checkpoint and stop."""
+        if self._stop_signal is None:
+            return
+        signum = self._stop_signal
+        self._partial = {
+            "sums": {k: float(v) for k, v in sums.items()},
+            "seen": seen,
+            "wrong": float(wrong),
+            "seconds": time.perf_counter() - start,
+        }
+        ckpt.save_checkpoint(self.run.last, self.checkpoint_payload())
+        name = signal.Signals(signum).name
+        message = (
+            f"stopped by {name} at epoch {epoch + 1}, step {self.step_in_epoch}/"
+            f"{self.steps_per_epoch}; saved {self.run.last}; continue with --resume"
+        )
+        self.log.info(message)
+        raise RunInterrupted(message, signum)
+
     def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """Train one epoch (from ``self.step_in_epoch`` when resuming mid-epoch)."""
         cfg = self.cfg
         self.model.train()
         self.method.train()
-        self.method.on_epoch_start(self.model, epoch)
-        sums: dict[str, Tensor] = {}
-        seen = 0
-        wrong = torch.zeros((), device=self.device)
-        start = time.perf_counter()
+        first = self.step_in_epoch
+        partial = self._partial or {}
+        if first == 0:
+            self.method.on_epoch_start(self.model, epoch)
+        sums: dict[str, Tensor] = {
+            k: torch.tensor(v, device=self.device) for k, v in partial.get("sums", {}).items()
+        }
+        seen = int(partial.get("seen", 0))
+        wrong = torch.tensor(float(partial.get("wrong", 0)), device=self.device)
+        start = time.perf_counter() - float(partial.get("seconds", 0.0))
+        self._partial = None
         loader = self.data.train_loader
         bar = None
         if wants_progress_bar(cfg.run.progress):
@@ -386,10 +447,13 @@ class Trainer:
                 leave=False,
                 dynamic_ncols=True,
             )
-        for step, (x, y, idx) in enumerate(loader.iterate(epoch)):
+            bar.update(first)
+        for step, (x, y, idx) in enumerate(loader.iterate(epoch, first), start=first):
             result = self.train_step(x, y, idx, epoch, step)
             self.global_step += 1
+            self.step_in_epoch = step + 1
             if result is None:
+                self._stop_if_asked(epoch, sums, seen, wrong, start)
                 continue  # a skipped non-finite step
             out, loss, lr = result
             n = out.targets.shape[0]
@@ -406,8 +470,10 @@ class Trainer:
                 bar.update(1)
                 if step % 10 == 0:
                     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.4g}")
+            self._stop_if_asked(epoch, sums, seen, wrong, start)
         if bar is not None:
             bar.close()
+        self.step_in_epoch = 0
         self.method.on_epoch_end(self.forward_model, epoch)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

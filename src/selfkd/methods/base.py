@@ -138,7 +138,11 @@ class Method(nn.Module):
         return []
 
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
-        """Called before the first step of every epoch (also after a resume)."""
+        """Called before the first step of every epoch.
+
+        Not called again when a run resumes in the middle of an epoch: whatever it sets must
+        live in the method's state (``state_dict``/extra state) to survive a resume.
+        """
 
     def training_step(self, model: nn.Module, batch: Batch, info: StepInfo) -> StepOutput:
         raise NotImplementedError
