@@ -124,3 +124,27 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tiny_dict, tmp_path):
     assert kills == 3
     assert json.loads((run / "final.json").read_text())["status"] == "finished"
     assert metric_rows(run) == full
+
+
+def test_corrupt_last_checkpoint_falls_back_to_previous(tiny_dict):
+    tiny_dict["run"]["name"] = "full"
+    train(config_from_dict(tiny_dict), quiet=True)
+    full = metric_rows(Path(tiny_dict["run"]["out_dir"]) / "full")
+
+    tiny_dict["run"]["name"] = "corrupt"
+    cfg = config_from_dict(tiny_dict)
+
+    def stop_after_two(trainer, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, quiet=True, callbacks=[stop_after_two]).fit()
+    ckpts = Path(cfg.run.out_dir) / "corrupt" / "checkpoints"
+    assert load_checkpoint(ckpts / "last.prev.pt")["progress"]["epoch"] == 1
+    data = (ckpts / "last.pt").read_bytes()
+    (ckpts / "last.pt").write_bytes(data[: len(data) // 3])  # truncated, e.g. by a bad disk
+    with pytest.warns(UserWarning, match=r"corrupt or truncated.*using the previous checkpoint"):
+        train(cfg, resume=True, quiet=True)
+    # epoch 2 was trained again from the epoch-1 checkpoint: the same metrics as uninterrupted
+    assert metric_rows(Path(cfg.run.out_dir) / "corrupt") == full

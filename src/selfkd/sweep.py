@@ -81,11 +81,11 @@ class SweepRun:
         return Path(self.config.run.out_dir) / self.config.run.name
 
     def status(self) -> str:
-        """``finished`` (final.json says so), ``partial`` (last.pt present) or ``new``."""
+        """``finished`` (final.json says so), ``partial`` (a checkpoint present) or ``new``."""
         run = RunDir(self.path)
         if run.is_finished():
             return "finished"
-        if run.last.is_file():
+        if run.has_checkpoint():
             return "partial"
         return "new"
 

@@ -45,8 +45,12 @@ def versions() -> dict[str, str]:
     }
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+def atomic_write_bytes(path: Path, data: bytes, keep_previous: Path | None = None) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``.
+
+    With ``keep_previous``, the file being replaced is first renamed to that path, so the
+    previous version survives a later corruption of ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -56,6 +60,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; use the usual file mode
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -73,7 +79,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, payload: dict[str, Any], keep_previous: Path | None = None) -> None:
     """Serialize ``payload`` with torch.save and write it atomically.
 
     A failed write (full disk, I/O error) leaves the previous file untouched and raises
@@ -84,7 +90,7 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, **payload}, buffer)
     try:
-        atomic_write_bytes(Path(path), buffer.getvalue())
+        atomic_write_bytes(Path(path), buffer.getvalue(), keep_previous)
     except OSError as exc:
         raise CheckpointError(
             f"could not write checkpoint {path} ({exc.strerror or exc}); the previous "
@@ -115,6 +121,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a selfkd checkpoint (no '{FORMAT}' marker)")
     return data
+
+
+def load_latest(path: Path, previous: Path, map_location: Any = "cpu") -> tuple[dict, Path]:
+    """Load ``path``; if it is missing or corrupt, fall back to ``previous`` (with a warning)."""
+    import warnings
+
+    try:
+        return load_checkpoint(path, map_location), path
+    except CheckpointError as exc:
+        if not previous.is_file():
+            raise
+        warnings.warn(f"{exc}; using the previous checkpoint {previous}", stacklevel=2)
+        return load_checkpoint(previous, map_location), previous
 
 
 def check_compatible(meta: dict[str, Any], model: nn.Module, num_classes: int, what: str) -> None:

@@ -8,7 +8,8 @@ Layout::
     RUN/metrics.jsonl        the same rows as JSON lines
     RUN/final.json           metrics of the last epoch (+ temperature scaling), costs, status
     RUN/train.log            the log
-    RUN/checkpoints/last.pt  written after every epoch; best.pt by run.best_metric
+    RUN/checkpoints/last.pt  written after every epoch; best.pt by run.best_metric;
+                             last.prev.pt is the one last.pt replaced (fallback if corrupt)
     RUN/tensorboard/         optional event files
 """
 
@@ -30,6 +31,7 @@ from selfkd.errors import RunDirError
 CONFIG = "config.yaml"
 FINAL = "final.json"
 LAST = "checkpoints/last.pt"
+LAST_PREVIOUS = "checkpoints/last.prev.pt"
 BEST = "checkpoints/best.pt"
 
 
@@ -50,6 +52,14 @@ class RunDir:
     @property
     def last(self) -> Path:
         return self.path / LAST
+
+    @property
+    def last_previous(self) -> Path:
+        """The checkpoint ``last.pt`` replaced (one epoch older), kept as a fallback."""
+        return self.path / LAST_PREVIOUS
+
+    def has_checkpoint(self) -> bool:
+        return self.last.is_file() or self.last_previous.is_file()
 
     @property
     def best(self) -> Path:
@@ -90,7 +100,17 @@ class RunDir:
                 "set run.out_dir to a writable folder"
             ) from None
         if overwrite and not resume:
-            for name in (CONFIG, FINAL, "metrics.csv", "metrics.jsonl", LAST, BEST, "train.log"):
+            names = (
+                CONFIG,
+                FINAL,
+                "metrics.csv",
+                "metrics.jsonl",
+                LAST,
+                LAST_PREVIOUS,
+                BEST,
+                "train.log",
+            )
+            for name in names:
                 with_path = self.path / name
                 if with_path.exists():
                     with_path.unlink()

@@ -93,7 +93,7 @@ def resolve_teacher(
         if run.is_finished() and run.last.is_file():
             log(f"phase 1: reusing the finished plain-CE model in {run.path}")
         else:
-            resume = run.last.is_file()
+            resume = run.has_checkpoint()
             verb = "resuming" if resume else "training"
             log(f"phase 1: {verb} the plain-CE model in {run.path}")
             Trainer(phase1, resume=resume, overwrite=not resume, quiet=quiet).fit()

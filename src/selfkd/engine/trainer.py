@@ -118,7 +118,7 @@ class Trainer:
         # Check the run directory before any expensive work (dataset loading).
         if self.run.holds_run() and not (resume or overwrite):
             self.run.prepare(resume=False, overwrite=False)  # raises RunDirError
-        if resume and not self.run.last.is_file():
+        if resume and not self.run.has_checkpoint():
             raise CheckpointError(
                 f"nothing to resume in {self.run.path}: {self.run.last} does not exist; "
                 "drop --resume to start a new run"
@@ -187,7 +187,10 @@ class Trainer:
         self.train_seconds = 0.0
         self.tb = self._tensorboard() if cfg.run.tensorboard else None
         if resume:
-            self._restore(ckpt.load_checkpoint(self.run.last, map_location=self.device))
+            state, self._resumed_from = ckpt.load_latest(
+                self.run.last, self.run.last_previous, map_location=self.device
+            )
+            self._restore(state)
         self.run.write_config(self.resolved_config())
 
     # --- construction -----------------------------------------------------------------------
@@ -311,6 +314,10 @@ class Trainer:
             },
         }
 
+    def save_last(self) -> None:
+        """Write checkpoints/last.pt atomically, keeping the one it replaces as last.prev.pt."""
+        ckpt.save_checkpoint(self.run.last, self.checkpoint_payload(), self.run.last_previous)
+
     def _restore(self, data: dict[str, Any]) -> None:
         meta = data.get("meta", {})
         ckpt.check_compatible(
@@ -365,7 +372,7 @@ class Trainer:
                 self.run.append_row(row)
                 self._log_row(row)
                 self._update_best(row)
-                ckpt.save_checkpoint(self.run.last, self.checkpoint_payload())
+                self.save_last()
                 if self.best_epoch == self.epoch:
                     ckpt.save_checkpoint(self.run.best, self.checkpoint_payload())
                 for callback in self.callbacks:
@@ -411,7 +418,7 @@ class Trainer:
             "wrong": float(wrong),
             "seconds": time.perf_counter() - start,
         }
-        ckpt.save_checkpoint(self.run.last, self.checkpoint_payload())
+        self.save_last()
         name = signal.Signals(signum).name
         message = (
             f"stopped by {name} at epoch {epoch + 1}, step {self.step_in_epoch}/"
