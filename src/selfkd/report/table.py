@@ -83,7 +83,7 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
             if path.resolve() in seen:
                 continue
             seen.add(path.resolve())
-            config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+            config = normalized_config(yaml.safe_load((path / "config.yaml").read_text()) or {})
             final_path = path / "final.json"
             final = json.loads(final_path.read_text()) if final_path.is_file() else None
             runs.append(Run(path=path, config=config, final=final))
@@ -92,6 +92,20 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
             f"no run directories (with config.yaml) under {', '.join(map(str, paths))}"
         )
     return runs
+
+
+def normalized_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """The config with today's defaults filled in, so runs written before a new config key
+    existed group with runs written after (the method section is kept as written)."""
+    from selfkd.config import config_from_dict
+    from selfkd.errors import ConfigError
+
+    try:
+        full = config_from_dict({k: v for k, v in raw.items() if k != "method"}).to_dict()
+    except ConfigError:
+        return raw
+    full["method"] = raw.get("method") or {}
+    return full
 
 
 def setting_key(config: dict[str, Any]) -> str:
