@@ -57,6 +57,8 @@ class DataConfig:
     split_seed: int = 0
     workers: int = 0
     drop_last: bool = False
+    #: skip (and count) image files that cannot be decoded instead of stopping (file datasets)
+    skip_corrupt: bool = False
     augment: dict[str, Any] = field(default_factory=dict)
     normalize: dict[str, Any] | None = None
     options: dict[str, Any] = field(default_factory=dict)

@@ -12,10 +12,17 @@ fraction of the full training set, stratified by class), then ``per_class`` samp
 are drawn from the rest. So ``per_class`` is the exact number of training samples per class and
 the validation set does not depend on ``per_class``. The kept samples are then re-indexed
 0..num_train-1 in ascending order of their original index.
+
+Class coverage is checked once here, for every dataset: a class with no training sample (in the
+dataset's training split, or after ``val_size``/``per_class``) is a DataError naming it; a class
+with no sample in the test split or the validation split is a warning naming it.
+``skip_corrupt`` (``data.skip_corrupt``) makes the loaders of file datasets skip, count and warn
+about image files that cannot be decoded instead of stopping (see :mod:`selfkd.data.loader`).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +39,7 @@ from selfkd.data.loader import BatchSampler, EpochLoader, epoch_seed
 from selfkd.data.mixing import Mixer, MixInfo
 from selfkd.data.registry import DATASETS, check_options
 from selfkd.data.splits import per_class_subset, train_val_split
-from selfkd.errors import ConfigError
+from selfkd.errors import ConfigError, DataError
 
 __all__ = [
     "DATASETS",
@@ -154,6 +161,37 @@ def _resolve_augment(augment: Mapping[str, Any] | None, raw: RawSplits) -> Augme
     return spec
 
 
+def _classes(names: list[str], missing: list[int]) -> str:
+    shown = ", ".join(repr(names[c]) for c in missing[:5])
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    return f"class {shown}" if len(missing) == 1 else f"classes {shown}{more}"
+
+
+def _counts(labels: Tensor, num_classes: int) -> list[int]:
+    return torch.bincount(labels.reshape(-1).long(), minlength=num_classes).tolist()
+
+
+def _require_train_classes(labels: Tensor, names: list[str], after: str, fix: str) -> None:
+    """DataError naming the classes left with no training sample."""
+    missing = [c for c, n in enumerate(_counts(labels, len(names))) if n == 0]
+    if missing:
+        what = _classes(names, missing)
+        verb = "has" if len(missing) == 1 else "have"
+        raise DataError(f"{what} {verb} no training images {after}; {fix}")
+
+
+def _warn_missing_classes(labels: Tensor, names: list[str], split: str, fix: str) -> None:
+    """Warn about the classes with no sample in an evaluation split."""
+    missing = [c for c, n in enumerate(_counts(labels, len(names))) if n == 0]
+    if missing:
+        warnings.warn(
+            f"the {split} has no images of {_classes(names, missing)}; their accuracy is not "
+            f"measured ({fix})",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def build_data(
     *,
     name: str,
@@ -171,12 +209,14 @@ def build_data(
     rank: int = 0,
     world_size: int = 1,
     drop_last: bool = False,
+    skip_corrupt: bool = False,
 ) -> DataBundle:
     """Load dataset ``name`` and build its loaders, subsets and batch transform.
 
     ``augment`` may set ``crop_padding`` and ``hflip``; ``normalize`` may set ``mean`` and
     ``std`` (one value per channel, or one for all); ``options`` go to the dataset entry.
     ``seed`` drives the training order (see :class:`EpochLoader`), ``split_seed`` the subsets.
+    ``skip_corrupt`` skips (and counts on the loaders) image files that cannot be decoded.
     """
     canonical = DATASETS.canonical(name)
     if options is not None and not isinstance(options, Mapping):
@@ -187,17 +227,52 @@ def build_data(
 
     n_full = len(raw.train)
     all_labels = raw.train.labels
+    names = [str(c) for c in raw.class_names]
+    if len(names) != raw.num_classes:
+        names = [str(c) for c in range(raw.num_classes)]
+    _require_train_classes(
+        all_labels,
+        names,
+        "in the dataset's training split",
+        "add training images of it or remove the class",
+    )
     pool = None  # original indices still available for training (None = all)
     val_src = None
     if val_size:
         pool, val_src = train_val_split(all_labels, val_size, split_seed)
+        _require_train_classes(
+            all_labels[pool],
+            names,
+            f"after data.val_size={val_size!r} holds samples out for validation",
+            "lower data.val_size or add training images",
+        )
     if per_class is not None:
         labels = all_labels if pool is None else all_labels[pool]
+        counts = _counts(labels, raw.num_classes)
+        short = [c for c, n in enumerate(counts) if n < per_class]
+        if isinstance(per_class, int) and not isinstance(per_class, bool) and short:
+            after = f" after data.val_size={val_size!r}" if val_size else ""
+            raise DataError(
+                f"{_classes(names, short)} {'has' if len(short) == 1 else 'have'} only "
+                f"{min(counts[c] for c in short)} training images{after} but data.per_class is "
+                f"{per_class}; lower data.per_class to at most {min(counts)}"
+                + (" or lower data.val_size" if val_size else "")
+            )
         chosen = per_class_subset(labels, per_class, split_seed, num_classes=raw.num_classes)
         pool = chosen if pool is None else pool[chosen]
     train_ds = raw.train if pool is None else raw.train.subset(pool)
     val_ds = None if val_src is None else raw.train.subset(val_src)
     test_ds = raw.test
+    _warn_missing_classes(
+        torch.as_tensor(test_ds.labels), names, "test split", "add test images of them"
+    )
+    if val_src is not None:
+        _warn_missing_classes(
+            all_labels[val_src],
+            names,
+            f"validation split (data.val_size={val_size!r})",
+            "raise data.val_size so that every class is held out",
+        )
 
     if raw.in_memory:
         transform = BatchTransform(mean, std, spec.crop_padding, spec.hflip)
@@ -208,12 +283,19 @@ def build_data(
         val_ds = None if val_ds is None else val_ds.with_transform(eval_tf)
         transform = BatchTransform(mean, std, passthrough=True)
 
-    common = {"seed": seed, "workers": workers, "rank": rank, "world_size": world_size}
-    train_loader = EpochLoader(train_ds, batch_size, shuffle=True, drop_last=drop_last, **common)
-    test_loader = EpochLoader(test_ds, eval_batch_size, shuffle=False, drop_last=False, **common)
+    common: dict[str, Any] = {"seed": seed, "workers": workers, "rank": rank}
+    common.update(world_size=world_size, skip_corrupt=skip_corrupt)
+    train_loader = EpochLoader(
+        train_ds, batch_size, shuffle=True, drop_last=drop_last, name="train", **common
+    )
+    test_loader = EpochLoader(
+        test_ds, eval_batch_size, shuffle=False, drop_last=False, name="test", **common
+    )
     val_loader = None
     if val_ds is not None:
-        val_loader = EpochLoader(val_ds, eval_batch_size, shuffle=False, drop_last=False, **common)
+        val_loader = EpochLoader(
+            val_ds, eval_batch_size, shuffle=False, drop_last=False, name="val", **common
+        )
 
     resolved = {
         "name": canonical,
@@ -237,6 +319,7 @@ def build_data(
         "eval_batch_size": eval_batch_size,
         "drop_last": drop_last,
         "workers": workers,
+        "skip_corrupt": skip_corrupt,
         "world_size": world_size,
         "sizes": {
             "train_full": n_full,

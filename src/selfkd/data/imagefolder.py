@@ -2,8 +2,11 @@
 
 Layout: ``root/train/<class>/<image>`` and ``root/val/<class>/<image>`` (folder names set by the
 ``train_dir``/``test_dir`` options). Classes are the sub-folders of the training folder, sorted by
-name; a test class that the training folder lacks is an error (an empty test class folder is not).
-Images are decoded with PIL and converted to RGB.
+name; a test class that the training folder lacks is an error (an empty or missing test class
+folder is not: ``build_data`` warns, naming the class). Images are decoded with PIL and converted
+to RGB. A file that cannot be decoded is a one-line DataError naming it (``dataset[i]``), or, read
+through a loader (:meth:`FileImageDataset.load`), a :class:`CorruptImage` that the loader turns into
+that error or skips and counts with ``data.skip_corrupt`` (see :mod:`selfkd.data.loader`).
 
 Transforms (torchvision, per sample, in the loader; the device-side BatchTransform is then a
 pass-through):
@@ -22,7 +25,9 @@ seeded workers), so file-dataset augmentation is not exactly reproducible across
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +45,29 @@ IMAGE_EXTENSIONS = (
 )  # fmt: skip
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: what PIL raises for a missing, truncated, garbage or oversized image file
+DECODE_ERRORS = (
+    OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CorruptImage:
+    """A sample whose file could not be read or decoded (returned by :meth:`FileImageDataset.load`).
+
+    Picklable, so DataLoader workers hand it to the main process instead of raising there (a
+    worker's exception would reach the user as a multi-line traceback).
+    """
+
+    path: str
+    index: int
+    reason: str
+
+    def error(self) -> DataError:
+        return DataError(
+            f"image {self.path} cannot be decoded ({self.reason}): replace or delete it, or set "
+            "data.skip_corrupt=true to skip such files"
+        )
 
 
 class FileImageDataset(torch.utils.data.Dataset):
@@ -70,14 +98,24 @@ class FileImageDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        item = self.load(index)
+        if isinstance(item, CorruptImage):
+            raise item.error()
+        return item
+
+    def load(self, index: int) -> tuple[Tensor, int, int] | CorruptImage:
+        """Like ``dataset[index]``, but a file that cannot be decoded gives a :class:`CorruptImage`.
+
+        Loaders use this so that the decision (raise, or skip and count with
+        ``data.skip_corrupt``) is taken in the main process, also with ``workers > 0``.
+        """
         path, label = self.samples[index]
         try:
             with Image.open(path) as im:
                 image = im.convert("RGB")
-        except (OSError, ValueError) as exc:
-            raise DataError(
-                f"cannot decode image {path} ({' '.join(str(exc).split())}); remove or replace it"
-            ) from exc
+        except DECODE_ERRORS as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            return CorruptImage(path, int(index), reason[:200])
         tf = self.transform if self.transform is not None else T.ToTensor()
         return tf(image), label, int(index)
 

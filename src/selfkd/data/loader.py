@@ -26,17 +26,32 @@ Its batches are used as given (``batch_size``/``shuffle``/``drop_last`` do not a
 ``world_size > 1`` whole batches are dealt round-robin to the ranks (batch ``i`` goes to rank
 ``i % world_size``), padding with the first batches so every rank gets as many, so the sampler
 should produce per-rank-sized batches.
+
+Corrupt image files (file datasets only): a file that cannot be decoded raises a one-line
+:class:`~selfkd.errors.DataError` naming it, in the main process, also with ``workers > 0`` (the
+workers hand a :class:`~selfkd.data.imagefolder.CorruptImage` marker to the collate function
+instead of raising). With ``skip_corrupt=True`` (``data.skip_corrupt``) the sample is dropped from
+its batch instead, and counted on the loader: ``skipped`` (every skip since the loader was made),
+``epoch_skipped`` (skips in the current or last pass) and ``skipped_files`` (path -> reason, each
+distinct file once). A :class:`SkippedImageWarning` names each file the first time it is skipped,
+and one more gives the pass's count at the end of every pass that skipped something. A batch all
+of whose images are corrupt is not yielded at all, so the epoch then has one batch fewer (the
+position counted by a caller that enumerates the batches runs behind ``batches(epoch)`` by one,
+and a mid-epoch resume in that epoch may repeat a batch).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import default_collate
 
 from selfkd.data.base import ArrayImageDataset
+from selfkd.data.imagefolder import CorruptImage
 from selfkd.errors import ConfigError, DataError
 
 BatchSampler = Callable[[int], Sequence[Tensor]]
@@ -69,6 +84,34 @@ class _BatchList:
         return len(self.batches)
 
 
+class SkippedImageWarning(UserWarning):
+    """A corrupt image file was skipped because ``data.skip_corrupt`` is set."""
+
+
+class _Guarded(torch.utils.data.Dataset):
+    """Wraps a file dataset so that workers return a CorruptImage marker instead of raising."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        load = getattr(self.dataset, "load", None)
+        return load(index) if load is not None else self.dataset[index]
+
+
+def _collate(items: list[Any]) -> tuple[Any, Any, Any, list[CorruptImage]]:
+    """``(images, labels, indices, corrupt)``: the decodable samples collated, the rest listed."""
+    bad = [it for it in items if isinstance(it, CorruptImage)]
+    good = [it for it in items if not isinstance(it, CorruptImage)]
+    if not good:
+        return None, None, None, bad
+    x, y, idx = default_collate(good)
+    return x, y, idx, bad
+
+
 class EpochLoader:
     """Batches of one dataset, with an order that is a pure function of ``(seed, epoch)``."""
 
@@ -85,10 +128,12 @@ class EpochLoader:
         world_size: int = 1,
         batch_sampler: BatchSampler | None = None,
         pin_memory: bool = False,
+        skip_corrupt: bool = False,
+        name: str = "data",
     ) -> None:
-        for name, value, low in (("batch_size", batch_size, 1), ("workers", workers, 0)):
+        for key, value, low in (("batch_size", batch_size, 1), ("workers", workers, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"data.{name} must be an integer >= {low}, got {value!r}")
+                raise ConfigError(f"data.{key} must be an integer >= {low}, got {value!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"seed must be an integer, got {seed!r}")
         if not isinstance(world_size, int) or world_size < 1 or not 0 <= rank < world_size:
@@ -107,6 +152,13 @@ class EpochLoader:
         self.world_size = world_size
         self.batch_sampler = batch_sampler
         self.pin_memory = pin_memory
+        if not isinstance(skip_corrupt, bool):
+            raise ConfigError(f"data.skip_corrupt must be true or false, got {skip_corrupt!r}")
+        self.skip_corrupt = skip_corrupt
+        self.name = str(name)
+        self.skipped = 0  # corrupt samples skipped since this loader was made
+        self.epoch_skipped = 0  # ... in the current (or last) pass
+        self.skipped_files: dict[str, str] = {}  # path -> reason, each file once
         self.in_memory = isinstance(dataset, ArrayImageDataset) or hasattr(dataset, "get_batch")
         self._torch_loader: torch.utils.data.DataLoader | None = None
         self._sampler = _BatchList()
@@ -203,15 +255,44 @@ class EpochLoader:
     def _iterate_files(self, batches: list[Tensor]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         if self._torch_loader is None:
             self._torch_loader = torch.utils.data.DataLoader(
-                self.dataset,
+                _Guarded(self.dataset),
                 batch_sampler=self._sampler,
                 num_workers=self.workers,
                 persistent_workers=self.workers > 0,
                 pin_memory=self.pin_memory,
+                collate_fn=_collate,
             )
         self._sampler.batches = [b.tolist() for b in batches]
-        for x, y, idx in self._torch_loader:
-            yield x, y.long(), idx.long()
+        self.epoch_skipped = 0
+        for x, y, idx, bad in self._torch_loader:
+            for item in bad:
+                self._skip(item)
+            if x is not None:
+                yield x, y.long(), idx.long()
+        if self.epoch_skipped:
+            warnings.warn(
+                f"{self.name} data: skipped {self.epoch_skipped} corrupt image(s) in this pass, "
+                f"{self.skipped} since the start ({len(self.skipped_files)} distinct files; "
+                "data.skip_corrupt is set)",
+                SkippedImageWarning,
+                stacklevel=2,
+            )
+
+    def _skip(self, item: CorruptImage) -> None:
+        """Raise the one-line DataError for ``item``, or count it when skipping is on."""
+        if not self.skip_corrupt:
+            raise item.error()
+        self.skipped += 1
+        self.epoch_skipped += 1
+        if item.path not in self.skipped_files:
+            self.skipped_files[item.path] = item.reason
+            warnings.warn(
+                f"{self.name} data: skipped corrupt image {item.path} ({item.reason}); "
+                f"{self.epoch_skipped} skipped in this pass, {self.skipped} since the start "
+                "(data.skip_corrupt is set)",
+                SkippedImageWarning,
+                stacklevel=3,
+            )
 
     def __repr__(self) -> str:
         return (

@@ -75,6 +75,7 @@ def load_run(run_dir: str | Path, which: str = "last", device: str = "auto") -> 
         normalize=d.normalize,
         options=d.options,
         drop_last=d.drop_last,
+        skip_corrupt=d.skip_corrupt,
     )
     path = run_dir / "checkpoints" / f"{which}.pt"
     model, state = build_model_from_checkpoint(cfg, data, path, dev)
