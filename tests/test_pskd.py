@@ -110,7 +110,12 @@ def info(epoch: int, epochs: int = 4) -> StepInfo:
 
 def test_registered_with_paper_defaults() -> None:
     assert METHODS.get("ps-kd") is PSKD
-    assert method_defaults("pskd") == {"name": "pskd", "alpha_T": 0.8, "bank_dtype": "float16"}
+    assert method_defaults("pskd") == {
+        "name": "pskd",
+        "alpha_T": 0.8,
+        "bank_dtype": "float16",
+        "bank_topk": None,
+    }
     assert PSKD.teacher_param is None and not PSKD().needs_teacher()
 
 

@@ -11,10 +11,22 @@ The table is a buffer, so it is saved in ``state_dict()`` (every checkpoint) and
 ``.to()``. Half precision is the default: CIFAR-100 (50k × 100) takes 10 MB, ImageNet
 (1.28M × 1000) 2.6 GB instead of 5.1 GB in fp32. fp16 keeps log-probabilities to a relative
 precision of about 5e-4 (bfloat16: about 4e-3, but a wider range).
+
+``storage="topk"`` (``topk=k``) keeps, per row, only the k largest log-probabilities and their
+class ids, plus the log of the per-class share of the remaining mass,
+``rest = log((1 − Σ_top p) / (K − k))`` (computed as a logsumexp of the other entries, no
+cancellation). :meth:`PredictionBank.lookup` rebuilds a dense row: the kept entries as stored,
+every other class ``rest``, so each row still sums to 1. The error: the kept entries are exact
+(up to the storage dtype); every other entry is replaced by the mean of the non-kept ones, so
+its probability error is at most the (k+1)-th largest probability p_(k+1) (≤ p_(k)), and the
+total-variation distance to the exact row is at most the non-kept mass. With k = K the rows are
+exact. Memory per row: k values + k class ids (int16 when K ≤ 32767) + one float32, e.g.
+ImageNet (1.28M × 1000) with k = 10 in fp16: 56 MB instead of 2.6 GB dense fp16.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -23,7 +35,16 @@ from torch import Tensor, nn
 
 from selfkd.errors import ConfigError
 
-__all__ = ["BANK_DTYPES", "PredictionBank", "resolve_bank_dtype"]
+__all__ = [
+    "BANK_DTYPES",
+    "BANK_STORAGES",
+    "PredictionBank",
+    "bank_nbytes",
+    "bank_storage",
+    "resolve_bank_dtype",
+]
+
+BANK_STORAGES = ("dense", "topk")
 
 BANK_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -46,12 +67,45 @@ def resolve_bank_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
+def _id_dtype(num_classes: int) -> torch.dtype:
+    return torch.int16 if num_classes <= 32767 else torch.int32
+
+
+def bank_nbytes(
+    num_samples: int,
+    num_classes: int,
+    dtype: torch.dtype | str = torch.float16,
+    storage: str = "dense",
+    topk: int | None = None,
+) -> int:
+    """Bytes a bank of this shape takes (without allocating it)."""
+    size = torch.empty((), dtype=resolve_bank_dtype(dtype)).element_size()
+    if storage == "dense":
+        return num_samples * num_classes * size
+    k = int(topk or 0)
+    ids = torch.empty((), dtype=_id_dtype(num_classes)).element_size()
+    return num_samples * (k * (size + ids) + 4)
+
+
+def bank_storage(method: str, topk: int | None, num_classes: int) -> dict[str, object]:
+    """``PredictionBank`` storage arguments for a method's ``bank_topk`` parameter."""
+    if topk is None:
+        return {"storage": "dense"}
+    if topk > num_classes:
+        raise ConfigError(
+            f"method {method}: bank_topk {topk} exceeds the {num_classes} classes; lower it or "
+            "set it to null (dense bank)"
+        )
+    return {"storage": "topk", "topk": int(topk)}
+
+
 class PredictionBank(nn.Module):
     """An N×K table of per-sample log-probabilities, indexed by dataset index.
 
     ``lookup``/``probs`` return float32 rows; ``update`` overwrites rows with
     ``log_softmax(logits)`` (detached, vectorized with ``index_copy_``). ``reset`` restores the
-    one-hot labels.
+    one-hot labels. ``storage="topk"`` with ``topk=k`` keeps only the k largest entries of each
+    row (see the module docstring).
     """
 
     table: Tensor
@@ -63,9 +117,22 @@ class PredictionBank(nn.Module):
         num_classes: int,
         labels: Tensor,
         dtype: torch.dtype | str = torch.float16,
+        storage: str = "dense",
+        topk: int | None = None,
     ) -> None:
         super().__init__()
         dtype = resolve_bank_dtype(dtype)
+        if storage not in BANK_STORAGES:
+            raise ConfigError(
+                f"bank storage must be one of {', '.join(BANK_STORAGES)}, got {storage!r}"
+            )
+        if storage == "topk" and (
+            isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= num_classes
+        ):
+            raise ConfigError(
+                f"a top-k bank needs an integer topk in [1, {num_classes}] (the class count), "
+                f"got {topk!r}"
+            )
         if num_samples < 1 or num_classes < 1:
             raise ConfigError(
                 f"a prediction bank needs num_samples >= 1 and num_classes >= 1, got "
@@ -83,34 +150,68 @@ class PredictionBank(nn.Module):
             )
         self.num_samples = num_samples
         self.num_classes = num_classes
+        self.storage = storage
+        self.topk = topk if storage == "topk" else None
         # labels are data, not state: rebuilt from the dataset, so not saved in the state_dict
         self.register_buffer("labels", labels.clone(), persistent=False)
-        self.register_buffer("table", torch.empty(num_samples, num_classes, dtype=dtype))
+        if storage == "dense":
+            self.register_buffer("table", torch.empty(num_samples, num_classes, dtype=dtype))
+        else:
+            k = int(topk)  # type: ignore[arg-type]
+            self.register_buffer("top_values", torch.empty(num_samples, k, dtype=dtype))
+            self.register_buffer(
+                "top_ids", torch.empty(num_samples, k, dtype=_id_dtype(num_classes))
+            )
+            self.register_buffer("rest", torch.empty(num_samples, dtype=torch.float32))
         self.reset()
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.table.dtype
+        return self.table.dtype if self.storage == "dense" else self.top_values.dtype
 
     @property
     def nbytes(self) -> int:
-        """Memory taken by the table (also what it adds to a checkpoint)."""
-        return self.table.numel() * self.table.element_size()
+        """Memory taken by the stored rows (also what they add to a checkpoint)."""
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n != "labels")
 
     @torch.no_grad()
     def reset(self) -> None:
         """Restore the one-hot labels: log-prob 0 at the label, -inf elsewhere."""
-        self.table.fill_(float("-inf"))
-        labels = self.labels.to(self.table.device)
-        self.table.scatter_(1, labels[:, None], 0.0)
+        if self.storage == "dense":
+            self.table.fill_(float("-inf"))
+            labels = self.labels.to(self.table.device)
+            self.table.scatter_(1, labels[:, None], 0.0)
+            return
+        device = self.top_values.device
+        labels = self.labels.to(device)
+        k = self.top_values.shape[1]
+        # distinct ids per row, the label first: (label + j) mod K
+        ids = (labels[:, None] + torch.arange(k, device=device)) % self.num_classes
+        self.top_ids.copy_(ids.to(self.top_ids.dtype))
+        self.top_values.fill_(float("-inf"))
+        self.top_values[:, 0] = 0.0
+        self.rest.fill_(float("-inf"))
+
+    @property
+    def _device(self) -> torch.device:
+        return self.table.device if self.storage == "dense" else self.top_values.device
 
     def _index(self, indices: Tensor) -> Tensor:
-        indices = torch.as_tensor(indices).reshape(-1).to(self.table.device, torch.long)
+        indices = torch.as_tensor(indices).reshape(-1).to(self._device, torch.long)
         return indices
 
     def lookup(self, indices: Tensor) -> Tensor:
-        """Float32 log-probabilities of the samples ``indices`` (B×K, on the table's device)."""
-        return self.table.index_select(0, self._index(indices)).float()
+        """Float32 log-probabilities of the samples ``indices`` (B×K, on the bank's device).
+
+        Top-k storage: the kept entries as stored, every other class the row's ``rest``.
+        """
+        index = self._index(indices)
+        if self.storage == "dense":
+            return self.table.index_select(0, index).float()
+        rest = self.rest.index_select(0, index)
+        out = rest[:, None].expand(index.numel(), self.num_classes).contiguous()
+        ids = self.top_ids.index_select(0, index).long()
+        return out.scatter_(1, ids, self.top_values.index_select(0, index).float())
 
     def probs(self, indices: Tensor) -> Tensor:
         """Float32 probabilities of the samples ``indices`` (B×K): ``exp(lookup(indices))``."""
@@ -121,7 +222,8 @@ class PredictionBank(nn.Module):
         """Overwrite the rows ``indices`` with ``log_softmax(logits)`` (detached).
 
         One vectorized ``index_copy_``, no loop over rows. If ``indices`` holds a sample twice
-        (e.g. DistributedSampler padding) one of its rows is kept, which one is unspecified.
+        (e.g. DistributedSampler padding) its last row is kept (every occurrence is given that
+        row before the write, so every device and every DDP rank keeps the same one).
         ``gather``: under DDP, a callable that all-gathers ``(indices, logits)`` from every rank
         so all ranks write the same rows (plugged in by the engine; None = single process).
         """
@@ -136,11 +238,40 @@ class PredictionBank(nn.Module):
             raise ValueError(
                 f"bank update got {index.numel()} indices for {logits.shape[0]} rows of logits"
             )
-        log_p = F.log_softmax(logits.detach().float(), dim=1)
-        self.table.index_copy_(0, index, log_p.to(self.table.device, self.table.dtype))
+        log_p = F.log_softmax(logits.detach().float(), dim=1).to(self._device)
+        index, log_p = _last_of_each(index, log_p)
+        if self.storage == "dense":
+            self.table.index_copy_(0, index, log_p.to(self.table.dtype))
+            return
+        k = self.top_values.shape[1]
+        values, ids = log_p.topk(k, dim=1)
+        if k < self.num_classes:
+            others = log_p.scatter(1, ids, float("-inf"))  # the non-kept entries
+            rest = torch.logsumexp(others, dim=1) - math.log(self.num_classes - k)
+        else:
+            rest = torch.full((log_p.shape[0],), float("-inf"), device=log_p.device)
+        self.top_values.index_copy_(0, index, values.to(self.top_values.dtype))
+        self.top_ids.index_copy_(0, index, ids.to(self.top_ids.dtype))
+        self.rest.index_copy_(0, index, rest)
 
     def extra_repr(self) -> str:
+        storage = "" if self.storage == "dense" else f", storage=topk, topk={self.topk}"
         return (
             f"num_samples={self.num_samples}, num_classes={self.num_classes}, "
-            f"dtype={self.dtype}, nbytes={self.nbytes}"
+            f"dtype={self.dtype}{storage}, nbytes={self.nbytes}"
         )
+
+
+def _last_of_each(index: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Give every occurrence of a repeated index the row of its last occurrence.
+
+    Then a write with duplicate indices stores the same row whichever occurrence wins, on any
+    device. Vectorized and free of host synchronisation (sort + searchsorted).
+    """
+    if index.numel() < 2:
+        return index, rows
+    ordered, order = torch.sort(index, stable=True)
+    last = torch.searchsorted(ordered, ordered, right=True) - 1
+    source = torch.empty_like(order)
+    source[order] = order[last]
+    return index, rows[source]

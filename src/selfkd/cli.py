@@ -69,6 +69,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    from selfkd.engine.distributed import is_main
+
+    if not is_main():
+        return 0  # under torchrun only rank 0 prints the table
     rows = []
     phase1 = phase1_run_dir(cfg)
     if phase1 is not None:

@@ -35,6 +35,7 @@ class RunConfig:
     amp: str = "off"  # off | bf16 | fp16 (CUDA only; ignored with a warning on CPU)
     channels_last: bool = False
     compile: bool = False
+    sync_bn: bool = False  # SyncBatchNorm under DDP (CUDA only)
     threads: int | None = None  # CPU threads for torch (None = torch's default)
     progress: str = "auto"  # auto (bar on a terminal, off in CI) | bar | off
     tensorboard: bool = False

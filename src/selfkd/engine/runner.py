@@ -6,6 +6,10 @@ TF-KD-self's teacher) name that parameter in ``Method.teacher_param``. When its 
 lives in ``<out_dir>/_phase1/<key>``, where ``key`` hashes everything that shapes it, so every
 method and every later run with the same setting reuses one finished phase-1 run (an interrupted
 one is resumed). The teacher is the phase-1 model after its last epoch (no test-set selection).
+
+Under DDP (torchrun) every rank calls :func:`train`: phase 1 is a DDP run too (all ranks train
+it together, rank 0 writes it). Only rank 0 takes the phase-1 lock and decides whether to reuse,
+resume or train; the others follow its decision (broadcast), and only rank 0 prints.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from selfkd.config import Config
+from selfkd.engine import distributed as D
 from selfkd.engine.rundir import RunDir
 from selfkd.engine.trainer import Trainer
 from selfkd.errors import CheckpointError
@@ -89,14 +94,28 @@ def resolve_teacher(
         return str(path)
     phase1 = phase1_config(cfg)
     run = RunDir(Path(phase1.run.out_dir) / phase1.run.name)
-    with phase1_lock(run.path):  # two runs of one setting must not train phase 1 twice
-        if run.is_finished() and run.last.is_file():
-            log(f"phase 1: reusing the finished plain-CE model in {run.path}")
+    D.init_distributed(cfg.run.device)  # phase 1 trains with every rank under torchrun
+    main = D.is_main()
+    lock = phase1_lock(run.path) if main else contextlib.nullcontext()
+    with lock:  # two runs of one setting must not train phase 1 twice
+        # rank 0 decides; under DDP the others follow (their view of the files may lag)
+        action = None
+        if main:
+            if run.is_finished() and run.last.is_file():
+                action = "reuse"
+            else:
+                action = "resume" if run.has_checkpoint() else "train"
+        action = D.broadcast_object(action)
+        if action == "reuse":
+            if main:
+                log(f"phase 1: reusing the finished plain-CE model in {run.path}")
         else:
-            resume = run.has_checkpoint()
+            resume = action == "resume"
             verb = "resuming" if resume else "training"
-            log(f"phase 1: {verb} the plain-CE model in {run.path}")
+            if main:
+                log(f"phase 1: {verb} the plain-CE model in {run.path}")
             Trainer(phase1, resume=resume, overwrite=not resume, quiet=quiet).fit()
+        D.barrier()  # rank 0 has written the phase-1 checkpoint before anyone reads it
     setattr(method.params, param, str(run.last))
     return str(run.last)
 

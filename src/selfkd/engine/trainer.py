@@ -9,11 +9,45 @@ append a metrics row, write ``last.pt`` (and ``best.pt``) atomically. Resuming f
 restores the model, optimizer, method state (banks, critic, ...), gradient scaler, RNG states
 and progress, and continues at the next epoch boundary; the data order of every epoch is a
 function of (seed, epoch), so a resumed run sees exactly the batches it would have seen.
+
+Distributed data parallel (launched by ``torchrun``; :mod:`selfkd.engine.distributed`):
+
+- **Batch**: ``data.batch_size`` is the *global* batch; each of the ``W`` processes takes
+  ``batch_size / W`` samples per step (a ConfigError when it does not divide). The epoch order
+  is sharded like ``DistributedSampler`` (:class:`~selfkd.data.EpochLoader`), so one step of a
+  W-process run sees the same global batch as one step of a single-process run. A method's
+  ``batch_sampler`` (CS-KD's class pairs) is asked for per-process batches (its batches are
+  dealt round-robin to the ranks); DLB pairs each rank's consecutive batches.
+- **Model**: wrapped in ``DistributedDataParallel`` (gradients averaged over ranks during
+  backward). Gradients of the method's ``main_optimizer_modules`` (auxiliary heads) are
+  averaged with one all-reduce after backward. BatchNorm: each rank normalizes with its own
+  batch statistics (``run.sync_bn: true`` converts to ``SyncBatchNorm``, CUDA only); the
+  running statistics are averaged over ranks at the end of every epoch, before evaluation and
+  checkpoints, so every replica is identical.
+- **Methods**: a method with a ``gather`` attribute (PS-KD's and AI-KD's prediction banks) gets
+  :func:`~selfkd.engine.distributed.all_gather_rows`, so every rank writes every rank's rows;
+  ``MethodContext.reduce_grads`` lets a method keep a module it trains itself (AI-KD's critic)
+  identical on all ranks. Method parameters are broadcast from rank 0 after ``setup``.
+- **Random numbers**: all ranks build the model and method with ``run.seed``; afterwards rank
+  ``r > 0`` reseeds with a seed derived from (``run.seed``, ``r``) so augmentations differ
+  between ranks (rank 0 keeps the single-process stream). Checkpoints hold every rank's RNG
+  state, so a resume with the same world size is exact.
+- **Skipped steps and signals**: whether a step's loss is finite and whether a stop signal
+  arrived are decided together on all ranks (one small all-reduce per step), so every rank skips
+  the same steps and stops after the same step.
+- **Metrics**: training sums are all-reduced at the end of the epoch; evaluation runs on each
+  rank's shard of the test/val set and the logits are all-gathered and de-duplicated by sample
+  index (the sharded loaders pad with repeated samples), so metrics are those of the full split.
+  ``data.eval_batch_size`` is per process.
+- **Files**: only rank 0 writes (run directory, log, metrics, checkpoints, final.json); the
+  others log nothing. On resume every rank reads ``last.pt`` (the run directory must be visible
+  to every rank, as on one node).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import signal
@@ -31,6 +65,7 @@ from selfkd import metrics as M
 from selfkd.config import Config
 from selfkd.data.mixing import Mixer
 from selfkd.engine import checkpoint as ckpt
+from selfkd.engine import distributed as D
 from selfkd.engine.device import (
     amp_dtype,
     autocast,
@@ -46,6 +81,34 @@ from selfkd.errors import CheckpointError, ConfigError, RunInterrupted, Training
 from selfkd.methods import Batch, Method, MethodContext, StepInfo, build_method
 
 Callback = Callable[["Trainer", int], None]
+
+
+def _no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP keyword that keeps buffers rank-local between epochs (the name changed in torch)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = inspect.signature(DistributedDataParallel.__init__).parameters
+    if "forward_sync_buffers" in names:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def _null_logger(name: str) -> logging.Logger:
+    """A logger that writes nothing (ranks other than 0 under DDP)."""
+    logger = logging.getLogger(f"selfkd.run.{name}.{os.getpid()}.null")
+    logger.propagate = False
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+    return logger
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """The seed rank ``rank > 0`` continues with after the model and method are built."""
+    from selfkd.data.loader import epoch_seed
+
+    return epoch_seed(seed ^ 0x5EED, rank) % 2**62
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -85,6 +148,57 @@ def collect_logits(
     return torch.cat(outs), torch.cat(targets)
 
 
+@torch.no_grad()
+def collect_logits_distributed(
+    model: nn.Module,
+    loader: Any,
+    transform: Any,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """:func:`collect_logits` over this rank's shard, gathered from every rank.
+
+    The shards are padded with repeated samples (same index); the gathered rows are sorted by
+    sample index and de-duplicated, so every rank returns the logits of the whole split, in
+    index order (the order of an unsharded, unshuffled loader).
+    """
+    was_training = model.training
+    model.eval()
+    outs, targets, indices = [], [], []
+    for x, y, idx in loader.iterate(0):
+        x = transform.eval(x.to(device, non_blocking=True))
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, dtype):
+            logits = model(x)
+        outs.append(logits.float())
+        targets.append(y.to(device).float())
+        indices.append(idx.to(device))
+    model.train(was_training)
+    if outs:
+        rows = torch.cat([torch.cat(outs), torch.cat(targets)[:, None]], dim=1)
+        index = torch.cat(indices)
+    else:  # an empty shard still takes part in the gather
+        k = _num_outputs(model)
+        rows = torch.empty(0, k + 1, device=device)
+        index = torch.empty(0, dtype=torch.long, device=device)
+    index, rows = D.all_gather_rows(index, rows)
+    order = torch.argsort(index, stable=True)
+    index, rows = index[order], rows[order]
+    first = torch.ones_like(index, dtype=torch.bool)
+    first[1:] = index[1:] != index[:-1]
+    rows = rows[first].cpu()
+    return rows[:, :-1].contiguous(), rows[:, -1].long()
+
+
+def _num_outputs(model: nn.Module) -> int:
+    classifier = getattr(model, "classifier", None)
+    if isinstance(classifier, nn.Linear):
+        return int(classifier.out_features)
+    raise TrainingError("an empty evaluation shard needs model.classifier to know the classes")
+
+
 class Trainer:
     """Trains one model with one method under one config, in one run directory.
 
@@ -110,9 +224,22 @@ class Trainer:
         self.callbacks = list(callbacks)
         if cfg.run.threads is not None:
             torch.set_num_threads(cfg.run.threads)
-        self.device = resolve_device(cfg.run.device)
+        self.dist, dist_device = D.init_distributed(cfg.run.device)
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
+        self.is_main = self.rank == 0
+        self.device = dist_device if dist_device is not None else resolve_device(cfg.run.device)
         self.amp = amp_dtype(cfg.run.amp, self.device)
         seed_everything(cfg.run.seed, cfg.run.deterministic)
+        if cfg.data.batch_size % self.world_size:
+            raise ConfigError(
+                f"data.batch_size {cfg.data.batch_size} is the global batch and must be divisible "
+                f"by the {self.world_size} processes; choose a multiple of {self.world_size}"
+            )
+        #: samples per step on this process (data.batch_size is the global batch)
+        self.batch_size = cfg.data.batch_size // self.world_size
+        self.sync_bn = bool(getattr(cfg.run, "sync_bn", False)) and self.world_size > 1
+        if self.sync_bn and self.device.type != "cuda":
+            raise ConfigError("run.sync_bn needs CUDA (SyncBatchNorm has no CPU kernel)")
 
         self.run = RunDir(run_dir or Path(cfg.run.out_dir) / cfg.run.name)
         # Check the run directory before any expensive work (dataset loading).
@@ -123,10 +250,19 @@ class Trainer:
                 f"nothing to resume in {self.run.path}: {self.run.last} does not exist; "
                 "drop --resume to start a new run"
             )
+        D.barrier()  # every rank has checked the directory before rank 0 writes into it
 
         self.data = data if data is not None else self._build_data()
+        loader_world = getattr(self.data.train_loader, "world_size", 1)
+        if loader_world != self.world_size:
+            raise ConfigError(
+                f"the data's train loader is sharded for {loader_world} process(es) but this run "
+                f"has {self.world_size}; build it with build_data(rank=, world_size=)"
+            )
         self._user_model = model is not None
         self.model = model if model is not None else self._build_model()
+        if self.sync_bn:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model.to(self.device)
         if cfg.run.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -138,12 +274,14 @@ class Trainer:
             if self.mixer is not None
             else False
         )
-        self.run.prepare(resume=resume, overwrite=overwrite)
-        self.log = self.run.logger(cfg.run.name, quiet=quiet)
+        if self.is_main:
+            self.run.prepare(resume=resume, overwrite=overwrite)
+            self.log = self.run.logger(cfg.run.name, quiet=quiet)
+        else:
+            self.log = _null_logger(cfg.run.name)
+        D.barrier()
 
-        sampler = self.method.batch_sampler(
-            self.data.train_labels, cfg.data.batch_size, cfg.run.seed
-        )
+        sampler = self.method.batch_sampler(self.data.train_labels, self.batch_size, cfg.run.seed)
         if sampler is not None:
             self.data.train_loader.set_batch_sampler(sampler)
         steps = len(self.data.train_loader)
@@ -165,16 +303,26 @@ class Trainer:
             config=cfg.to_dict(),
             run_dir=self.run.path,
             input_shape=self._input_shape(),
+            rank=self.rank,
+            world_size=self.world_size,
+            reduce_grads=D.reduce_grads if self.world_size > 1 else None,
         )
         self.method.setup(self.model, ctx)
         self.method.to(self.device)
-        modules = [self.model, *self.method.main_optimizer_modules()]
+        extra_modules = self.method.main_optimizer_modules()
+        modules = [self.model, *extra_modules]
         self.optimizer = build_optimizer(modules, cfg.train)
         use_scaler = self.amp == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
-        self.forward_model: nn.Module = self.model
-        if cfg.run.compile:
-            self.forward_model = torch.compile(self.model)
+        #: method-owned modules trained with the model: their gradients are averaged by hand
+        self._extra_modules: nn.Module | None = None
+        if self.world_size > 1:
+            if hasattr(self.method, "gather"):
+                self.method.gather = D.all_gather_rows
+            D.broadcast_module(self.method)  # owned heads, critic: rank 0's initial weights
+            if extra_modules:
+                self._extra_modules = nn.ModuleList(extra_modules)
+        self._stop_everywhere = False
 
         self.epoch = 0
         self.step_in_epoch = 0  # > 0 only while resuming in the middle of an epoch
@@ -185,13 +333,36 @@ class Trainer:
         self.best_epoch: int | None = None
         self.skipped_steps = 0
         self.train_seconds = 0.0
-        self.tb = self._tensorboard() if cfg.run.tensorboard else None
+        self.tb = self._tensorboard() if cfg.run.tensorboard and self.is_main else None
+        if self.world_size > 1 and self.rank > 0:
+            # augmentations differ between ranks; the model and method were built alike
+            seed_everything(_rank_seed(cfg.run.seed, self.rank), cfg.run.deterministic)
         if resume:
             state, self._resumed_from = ckpt.load_latest(
                 self.run.last, self.run.last_previous, map_location=self.device
             )
             self._restore(state)
-        self.run.write_config(self.resolved_config())
+        # the model the engine trains: DDP averages gradients during backward
+        self.ddp_model: nn.Module | None = None
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = DistributedDataParallel(
+                self.model,
+                device_ids=ids,
+                output_device=ids[0] if ids else None,
+                **_no_forward_buffer_sync(),
+            )
+        self.forward_model: nn.Module = self.ddp_model or self.model
+        self.eval_model: nn.Module = self.model
+        if cfg.run.compile:
+            self.forward_model = torch.compile(self.forward_model)
+            self.eval_model = (
+                self.forward_model if self.ddp_model is None else torch.compile(self.model)
+            )
+        if self.is_main:
+            self.run.write_config(self.resolved_config())
 
     # --- construction -----------------------------------------------------------------------
     def _build_data(self) -> Any:
@@ -201,7 +372,7 @@ class Trainer:
         return build_data(
             name=d.name,
             root=d.root,
-            batch_size=d.batch_size,
+            batch_size=self.batch_size,
             eval_batch_size=d.eval_batch_size,
             per_class=d.per_class,
             val_size=d.val_size,
@@ -212,6 +383,9 @@ class Trainer:
             normalize=d.normalize,
             options=d.options,
             drop_last=d.drop_last,
+            rank=self.rank,
+            world_size=self.world_size,
+            skip_corrupt=d.skip_corrupt,
         )
 
     def _input_shape(self) -> tuple[int, int, int]:
@@ -295,7 +469,12 @@ class Trainer:
         }
 
     def checkpoint_payload(self) -> dict[str, Any]:
+        """The checkpoint dict. Under DDP every rank must call it (it gathers the RNG states)."""
+        extra: dict[str, Any] = {}
+        if self.world_size > 1:
+            extra["rng_ranks"] = D.all_gather_object(rng_state())
         return {
+            **extra,
             "meta": self._meta(),
             "model": self.model.state_dict(),
             "method": self.method.state_dict(),
@@ -315,8 +494,16 @@ class Trainer:
         }
 
     def save_last(self) -> None:
-        """Write checkpoints/last.pt atomically, keeping the one it replaces as last.prev.pt."""
-        ckpt.save_checkpoint(self.run.last, self.checkpoint_payload(), self.run.last_previous)
+        """Write checkpoints/last.pt atomically, keeping the one it replaces as last.prev.pt.
+
+        Under DDP every rank calls it (the payload gathers every rank's RNG state); rank 0 writes.
+        """
+        self._save(self.run.last, self.run.last_previous)
+
+    def _save(self, path: Path, keep_previous: Path | None = None) -> None:
+        payload = self.checkpoint_payload()
+        if self.is_main:
+            ckpt.save_checkpoint(path, payload, keep_previous)
 
     def _restore(self, data: dict[str, Any]) -> None:
         meta = data.get("meta", {})
@@ -334,11 +521,23 @@ class Trainer:
                 f"checkpoint {self.run.last} does not match this run's model or method ({first}); "
                 "resume with the config it was written with"
             ) from None
-        set_rng_state(data["rng"])
+        ranks = data.get("rng_ranks")
+        if self.world_size > 1 and isinstance(ranks, list) and len(ranks) == self.world_size:
+            set_rng_state(ranks[self.rank])
+        else:
+            set_rng_state(data["rng"])
+            if self.world_size > 1 and self.rank > 0:  # another world size: fresh rank streams
+                seed_everything(
+                    _rank_seed(self.cfg.run.seed + int(data["progress"]["global_step"]), self.rank),
+                    self.cfg.run.deterministic,
+                )
         progress = data["progress"]
         self.epoch = int(progress["epoch"])
         self.step_in_epoch = int(progress.get("step_in_epoch", 0))
         self._partial = progress.get("partial")
+        if self._partial is not None and self.rank > 0:
+            # mid-epoch sums in a checkpoint are global (reduced over ranks): rank 0 carries them
+            self._partial = {**self._partial, "sums": {}, "seen": 0, "wrong": 0.0}
         self.global_step = int(progress["global_step"])
         self.best_value = progress.get("best_value")
         self.best_epoch = progress.get("best_epoch")
@@ -369,12 +568,13 @@ class Trainer:
                 self.epoch += 1
                 if self.epoch % cfg.run.eval_every == 0 or self.epoch == cfg.train.epochs:
                     row.update(self.evaluate_epoch())
-                self.run.append_row(row)
+                if self.is_main:
+                    self.run.append_row(row)
                 self._log_row(row)
                 self._update_best(row)
                 self.save_last()
                 if self.best_epoch == self.epoch:
-                    ckpt.save_checkpoint(self.run.best, self.checkpoint_payload())
+                    self._save(self.run.best)
                 for callback in self.callbacks:
                     callback(self, self.epoch)
             final = self.finalize()
@@ -408,10 +608,20 @@ class Trainer:
     def _stop_if_asked(
         self, epoch: int, sums: dict[str, Tensor], seen: int, wrong: Tensor, start: float
     ) -> None:
-        """After a step: if a signal arrived, write a mid-epoch checkpoint and stop."""
-        if self._stop_signal is None:
+        """After a step: if a signal arrived, write a mid-epoch checkpoint and stop.
+
+        Under DDP the decision is the same on every rank (made in :meth:`train_step`): a signal
+        on any rank stops all of them after the same step.
+        """
+        stop = self._stop_everywhere if self.world_size > 1 else self._stop_signal is not None
+        if not stop:
             return
-        signum = self._stop_signal
+        signum = self._stop_signal if self._stop_signal is not None else signal.SIGTERM
+        if self.world_size > 1:
+            # BatchNorm running statistics are linear in their updates: averaging them now or at
+            # the end of the epoch gives the same result, and the checkpoint holds every rank's
+            D.sync_buffers(self.model)
+            sums, seen, wrong = self._reduce_sums(sums, seen, wrong)
         self._partial = {
             "sums": {k: float(v) for k, v in sums.items()},
             "seen": seen,
@@ -481,7 +691,16 @@ class Trainer:
         if bar is not None:
             bar.close()
         self.step_in_epoch = 0
+        if self.world_size > 1:
+            D.sync_buffers(self.model)  # BatchNorm running statistics: the mean over ranks
+            sums, seen, wrong = self._reduce_sums(sums, seen, wrong)
         self.method.on_epoch_end(self.forward_model, epoch)
+        skipped = getattr(loader, "epoch_skipped", 0)
+        if skipped:
+            self.log.info(
+                f"epoch {epoch + 1}: skipped {skipped} corrupt image(s), "
+                f"{loader.skipped} in all (data.skip_corrupt)"
+            )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
@@ -497,7 +716,21 @@ class Trainer:
         row["sec_per_iter"] = seconds / max(1, self.steps_per_epoch)
         if self.skipped_steps:
             row["skipped_steps"] = self.skipped_steps
+        if getattr(loader, "skipped", 0):
+            row["skipped_images"] = loader.skipped
         return row
+
+    def _reduce_sums(
+        self, sums: dict[str, Tensor], seen: int, wrong: Tensor
+    ) -> tuple[dict[str, Tensor], int, Tensor]:
+        """Training sums of every rank added up (keys missing on a rank count as 0)."""
+        keys = sorted(set().union(*D.all_gather_object(sorted(sums))))
+        zero = torch.zeros((), device=self.device)
+        local = [sums.get(k, zero).float().reshape(()) for k in keys]
+        flat = torch.stack([*local, torch.tensor(float(seen), device=self.device), wrong.float()])
+        flat = D.all_reduce_sum(flat.double())
+        total = {k: flat[i] for i, k in enumerate(keys)}
+        return total, round(float(flat[-2])), flat[-1]
 
     def train_step(
         self, x: Tensor, y: Tensor, idx: Tensor, epoch: int, step: int
@@ -537,11 +770,24 @@ class Trainer:
         with autocast(self.device, self.amp):
             out = self.method.training_step(self.forward_model, batch, info)
         loss = out.loss.float()
-        if not bool(torch.isfinite(loss)):
+        finite = bool(torch.isfinite(loss))
+        if self.world_size > 1:
+            # one decision for all ranks: skip this step? stop after it?
+            flags = torch.tensor(
+                [float(not finite), float(self._stop_signal is not None)], device=self.device
+            )
+            flags = D.all_reduce_max(flags)
+            self._stop_everywhere = bool(flags[1] > 0)
+            if flags[0] > 0:
+                self._nonfinite(out, info, here=not finite)
+                return None
+        elif not finite:
             self._nonfinite(out, info)
             return None
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self._extra_modules is not None:
+            D.reduce_grads(self._extra_modules)  # the DDP wrapper averages the model's only
         if cfg.train.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -551,10 +797,13 @@ class Trainer:
         self.method.after_optimizer_step(self.forward_model, batch, out)
         return out, loss, lr
 
-    def _nonfinite(self, out: Any, info: StepInfo) -> None:
+    def _nonfinite(self, out: Any, info: StepInfo, here: bool = True) -> None:
         terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.terms.items())
+        what = f"non-finite loss {float(out.loss.detach()):.4g}"
+        if not here:
+            what = f"non-finite loss on another rank (rank {self.rank}: loss {float(out.loss):.4g})"
         where = (
-            f"non-finite loss {float(out.loss.detach()):.4g} at epoch {info.epoch + 1}, "
+            f"{what} at epoch {info.epoch + 1}, "
             f"step {info.step + 1} (global step {info.global_step}); terms: {terms}"
         )
         if self.cfg.run.nonfinite == "skip" and self.skipped_steps < self.cfg.run.max_skipped_steps:
@@ -562,6 +811,7 @@ class Trainer:
             self.log.info(f"skipping step: {where}")
             self.optimizer.zero_grad(set_to_none=True)
             return
+        D.barrier()  # rank 0 may be writing last.pt
         last = self.run.last if self.run.last.exists() else None
         keep = f"; the last good checkpoint is {last}" if last else ""
         raise TrainingError(f"{where}{keep}; lower train.lr or set train.grad_clip")
@@ -578,19 +828,25 @@ class Trainer:
         return row
 
     def test_logits(self) -> tuple[Tensor, Tensor]:
-        return collect_logits(
-            self.forward_model,
-            self.data.test_loader,
-            self.data.transform,
-            self.device,
-            self.amp,
-            self.cfg.run.channels_last,
-        )
+        return self._collect(self.data.test_loader)
 
     def val_logits(self) -> tuple[Tensor, Tensor]:
-        return collect_logits(
-            self.forward_model,
-            self.data.val_loader,
+        return self._collect(self.data.val_loader)
+
+    def _collect(self, loader: Any) -> tuple[Tensor, Tensor]:
+        """Logits and targets of a whole evaluation split (in sample-index order under DDP)."""
+        if self.world_size == 1:
+            return collect_logits(
+                self.eval_model,
+                loader,
+                self.data.transform,
+                self.device,
+                self.amp,
+                self.cfg.run.channels_last,
+            )
+        return collect_logits_distributed(
+            self.eval_model,
+            loader,
             self.data.transform,
             self.device,
             self.amp,
@@ -663,7 +919,8 @@ class Trainer:
             "device": str(self.device),
             **ckpt.versions(),
         }
-        self.run.write_final(final)
+        if self.is_main:
+            self.run.write_final(final)
         self.log.info(
             f"finished: test top-1 error {test['top1_err']:.2f}%, NLL {test['nll']:.4f}, "
             f"ECE {test['ece']:.2f}%"

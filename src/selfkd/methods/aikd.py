@@ -44,10 +44,11 @@ Decisions (SPEC §1):
 - **Previous-epoch predictions** ``prev_source``: ``bank`` (default) keeps per-sample
   log-probabilities of the previous epoch's training forward (augmented input, train-mode BN,
   weights before the step) in a :class:`~selfkd.banks.PredictionBank` (``bank_dtype``, fp16 by
-  default), as PS-KD does; ``snapshot`` keeps a frozen copy of the weights at the end of epoch
-  t−1 and runs it (eval mode, ``no_grad``) on the current batch: the literal reading of the
-  paper, one extra forward per step. Epoch 0 has no previous model: both start from the one-hot
-  labels (L_P is then τ_P²·CE at temperature τ_P).
+  default; ``bank_topk: k`` keeps only the top-k entries per row, see
+  :mod:`selfkd.banks`), as PS-KD does; ``snapshot`` keeps a frozen copy of the weights at the
+  end of epoch t−1 and runs it (eval mode, ``no_grad``) on the current batch: the literal
+  reading of the paper, one extra forward per step. Epoch 0 has no previous model: both start
+  from the one-hot labels (L_P is then τ_P²·CE at temperature τ_P).
 - **Ablations** ``ablation`` (paper table 4): ``no_adv`` → ω = 0; ``only_guide`` → α_P = 0,
   ω = 0; ``only_progressive`` → α_G = 0, ω = 0 (needs no superior model). Under an ablation the
   given ``alpha_ce`` is replaced by 1 − α_G − α_P, the weighting of eq. (8). Without one the
@@ -63,8 +64,11 @@ Decisions (SPEC §1):
 - Terms logged: ``ce``, ``guide``, ``progressive``, ``adversarial`` (unweighted; a term whose
   weight is 0 is absent), ``critic_loss``, ``critic_wdist`` (mean D(real) − mean D(fake)),
   ``critic_gp``, ``adv_skipped`` (when ω > 0) and ``loss`` (the total L_AI).
-- Under DDP every rank keeps its own critic (not synchronised); the bank's ``update`` takes a
-  ``gather`` callable (:attr:`AIKD.gather`) for DDP-consistent rows.
+- **DDP** (the engine plugs in both hooks): the bank's ``update`` goes through
+  :attr:`AIKD.gather` (every rank writes every rank's rows, so all banks are identical); the
+  critic's gradients and BatchNorm running statistics are averaged over the ranks before each
+  critic step (``MethodContext.reduce_grads``), so all critics stay identical. A rank whose
+  batch-of-one step skips the critic still takes the averaged step of the other ranks.
 - **With Cutout/Mixup/CutMix** (``data.mix``; paper table 7 reports AI-KD + each, without
   details): ``mixing = "split"``, PS-KD's rule (PS-KD §4.1): the engine mixes a random half of
   the batch (``batch.mix.rows``). Unmixed rows take L_AI exactly as above: the superior forward,
@@ -89,7 +93,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from selfkd.banks import BANK_DTYPES, Gather, PredictionBank
+from selfkd.banks import BANK_DTYPES, Gather, PredictionBank, bank_storage
 from selfkd.errors import ConfigError, ModelError, TrainingError
 from selfkd.losses import aikd_loss, wgan_critic_loss
 from selfkd.losses.mixing import mixed_ce, split_loss
@@ -122,6 +126,8 @@ class AIKDParams:
     n_critic: int = 1
     prev_source: str = "bank"
     bank_dtype: str = "float16"
+    #: keep only the top-k log-probabilities per bank row (large class counts); None = dense
+    bank_topk: int | None = None
     ablation: str = "none"
     superior: str = "auto"
 
@@ -156,6 +162,14 @@ class AIKDParams:
             raise ConfigError(
                 f"method.critic_hidden must be a non-empty list of positive sizes, got "
                 f"{self.critic_hidden}"
+            )
+        if self.bank_topk is not None and (
+            isinstance(self.bank_topk, bool)
+            or not isinstance(self.bank_topk, int)
+            or self.bank_topk < 1
+        ):
+            raise ConfigError(
+                f"method.bank_topk must be a positive integer or null, got {self.bank_topk!r}"
             )
         if self.n_critic < 1:
             raise ConfigError(f"method.n_critic must be at least 1, got {self.n_critic}")
@@ -273,6 +287,8 @@ class AIKD(Method):
         self.critic_optimizer: torch.optim.Optimizer | None = None
         #: DDP hook for the bank: ``gather(indices, logits) -> (indices, logits)`` of all ranks
         self.gather: Gather | None = None
+        #: DDP hook for the critic (``MethodContext.reduce_grads``); None in a single process
+        self._reduce_grads: Callable[..., bool] | None = None
         # frozen models live in a plain dict: not submodules, so not in parameters()/state_dict()
         # and untouched by method.train()
         self._frozen: dict[str, nn.Module | None] = {"superior": None, "snapshot": None}
@@ -318,6 +334,7 @@ class AIKD(Method):
         self._build_model = ctx.build_model
         self._device = torch.device(ctx.device)
         self._num_classes = ctx.num_classes
+        self._reduce_grads = ctx.reduce_grads
         if self.needs_teacher():
             if p.superior == "auto":
                 raise ConfigError(
@@ -332,7 +349,11 @@ class AIKD(Method):
             )
         if self.weights["alpha_p"] > 0 and p.prev_source == "bank":
             self.bank = PredictionBank(
-                ctx.num_train, ctx.num_classes, ctx.train_labels, dtype=p.bank_dtype
+                ctx.num_train,
+                ctx.num_classes,
+                ctx.train_labels,
+                dtype=p.bank_dtype,
+                **bank_storage("aikd", p.bank_topk, ctx.num_classes),
             ).to(self._device)
         self._is_setup = True
         if self._pending_state is not None:
@@ -394,6 +415,7 @@ class AIKD(Method):
                     self._warned_batch_one = True
                 adversarial = False
                 extra["adv_skipped"] = torch.ones((), device=logits.device)
+                self._follow_critic_step()
             else:
                 extra.update(self._update_critic(logits, superior_logits, info))
                 extra["adv_skipped"] = torch.zeros((), device=logits.device)
@@ -471,8 +493,20 @@ class AIKD(Method):
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
+                if self._reduce_grads is None or self._reduce_grads(critic):
+                    optimizer.step()
         return {"critic_loss": loss.detach(), **terms}
+
+    def _follow_critic_step(self) -> None:
+        """DDP, this rank has no critic batch: take the other ranks' averaged critic steps."""
+        if self._reduce_grads is None:
+            return
+        critic, optimizer = self.critic, self.critic_optimizer
+        assert critic is not None and optimizer is not None
+        for _ in range(self.params.n_critic):
+            optimizer.zero_grad(set_to_none=True)
+            if self._reduce_grads(critic, active=False):
+                optimizer.step()
 
     # --- snapshot and state -----------------------------------------------------------------
     def _refresh_snapshot(

@@ -94,8 +94,15 @@ class MethodContext:
     run_dir: Path | None = None
     #: (channels, height, width) of one training input, for heads built from feature shapes
     input_shape: tuple[int, int, int] = (3, 32, 32)
+    #: distributed data parallel: this process's rank among ``world_size`` (0 of 1 otherwise)
     rank: int = 0
     world_size: int = 1
+    #: under DDP, ``reduce_grads(module, active=True) -> bool`` averages the gradients (and
+    #: floating-point buffers) of a module the method trains with its own optimizer over the
+    #: ranks; call it on every rank between ``backward`` and ``optimizer.step()``; a rank with no
+    #: data passes ``active=False``; False returned: no rank had data, skip the step.
+    #: None in a single process (see :func:`selfkd.engine.distributed.reduce_grads`)
+    reduce_grads: Callable[..., bool] | None = None
 
 
 @dataclass

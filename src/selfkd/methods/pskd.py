@@ -29,6 +29,9 @@ Decisions:
   epoch-0 loss is therefore the plain CE and the non-zero α_0 = α_T/E has no effect.
 - The bank is a submodule: it is saved in every checkpoint and restored on resume (the
   official code saves ``prev_predictions`` too). α_t is recomputed from the epoch, not stored.
+- ``bank_topk`` (default None = dense): keep only the k largest log-probabilities per row plus
+  the remaining mass spread uniformly (:class:`~selfkd.banks.PredictionBank` ``storage="topk"``),
+  for large class counts; exact when k = K.
 - Terms logged: ``pskd`` (the loss) and ``alpha_t``.
 - **With CutMix/Cutout/Mixup** (``data.mix``; paper §4.1, absent from the official code):
   ``mixing = "split"``, the paper's rule: the engine mixes a random half of the shuffled batch
@@ -51,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfkd.banks import BANK_DTYPES, Gather, PredictionBank
+from selfkd.banks import BANK_DTYPES, Gather, PredictionBank, bank_storage
 from selfkd.errors import ConfigError
 from selfkd.losses.mixing import mixed_ce, split_loss
 from selfkd.losses.pskd import pskd_alpha, pskd_loss
@@ -66,6 +69,8 @@ class PSKDParams:
 
     alpha_T: float = 0.8
     bank_dtype: str = "float16"
+    #: keep only the top-k log-probabilities per bank row (large class counts); None = dense
+    bank_topk: int | None = None
 
     def validate(self) -> None:
         if not math.isfinite(self.alpha_T) or not 0.0 <= self.alpha_T <= 1.0:
@@ -74,6 +79,14 @@ class PSKDParams:
             raise ConfigError(
                 f"method.bank_dtype must be one of {', '.join(BANK_DTYPES)}, "
                 f"got {self.bank_dtype!r}"
+            )
+        if self.bank_topk is not None and (
+            isinstance(self.bank_topk, bool)
+            or not isinstance(self.bank_topk, int)
+            or self.bank_topk < 1
+        ):
+            raise ConfigError(
+                f"method.bank_topk must be a positive integer or null, got {self.bank_topk!r}"
             )
 
 
@@ -100,7 +113,11 @@ class PSKD(Method):
             raise ConfigError(f"method pskd needs train.epochs >= 1, got {ctx.epochs}")
         self.epochs = ctx.epochs
         self.bank = PredictionBank(
-            ctx.num_train, ctx.num_classes, ctx.train_labels, dtype=self.params.bank_dtype
+            ctx.num_train,
+            ctx.num_classes,
+            ctx.train_labels,
+            dtype=self.params.bank_dtype,
+            **bank_storage("pskd", self.params.bank_topk, ctx.num_classes),
         ).to(ctx.device)
 
     def alpha_at(self, epoch: int) -> float:
