@@ -42,8 +42,21 @@ def phase1_config(cfg: Config) -> Config:
     return phase1
 
 
+#: config keys added after the first release, with the value that means "as before": a key at
+#: that value is left out of the phase-1 key so that phase-1 runs made earlier stay reusable.
+#: (Add every new data/model/train key here with its default.)
+LATER_KEYS: dict[str, dict[str, Any]] = {
+    "data": {"mix": {}, "skip_corrupt": False},
+    "model": {},
+    "train": {},
+}
+#: keys that do not change what phase 1 learns
+IGNORED_KEYS: dict[str, tuple[str, ...]] = {"data": ("workers",), "model": (), "train": ()}
+
+
 def phase1_key(phase1: Config) -> str:
-    shaping = {
+    """Hash of everything that shapes the phase-1 model (data, model, schedule, seed, ...)."""
+    shaping: dict[str, Any] = {
         "data": phase1.to_dict()["data"],
         "model": phase1.to_dict()["model"],
         "train": phase1.to_dict()["train"],
@@ -51,10 +64,12 @@ def phase1_key(phase1: Config) -> str:
         "deterministic": phase1.run.deterministic,
         "amp": phase1.run.amp,
     }
-    for key in ("workers",):
-        shaping["data"].pop(key, None)
-    if not shaping["data"].get("mix"):
-        shaping["data"].pop("mix", None)  # keys of runs from before data.mix existed stay valid
+    for section, later in LATER_KEYS.items():
+        for key, neutral in later.items():
+            if shaping[section].get(key, neutral) == neutral:
+                shaping[section].pop(key, None)
+        for key in IGNORED_KEYS[section]:
+            shaping[section].pop(key, None)
     blob = json.dumps(shaping, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
@@ -63,6 +78,7 @@ def phase1_key(phase1: Config) -> str:
 def phase1_lock(path: Path) -> Iterator[None]:
     """An exclusive lock (``<path>.lock``) held while a phase-1 run is checked or trained."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    path = path.resolve()  # a phase-1 folder reached through a link shares its lock
     with open(path.parent / f"{path.name}.lock", "w") as handle:
         try:
             import fcntl
