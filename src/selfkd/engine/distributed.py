@@ -221,11 +221,17 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def _all_gather_flat(out: Tensor, tensor: Tensor) -> None:
+    """All-gather equal-sized tensors into one (``all_gather_single`` where this torch has it)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, tensor)
+
+
 def all_gather_rows(indices: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
     """All ranks' ``(indices, rows)`` concatenated in rank order, on every rank.
 
     ``indices`` is a 1-d integer tensor and ``rows`` a B×K tensor with the same B; B may differ
-    between ranks. Two collectives: the row counts, then one ``all_gather_into_tensor`` of a
+    between ranks. Two collectives: the row counts, then one flat all-gather of a
     byte tensor padded to the largest count, each row holding its int64 index and its values as
     float32, reinterpreted as bytes (exact: nothing is converted but ``rows`` to float32). Rows
     come back as float32 on ``rows``' device. This is the ``gather`` hook of
@@ -243,7 +249,7 @@ def all_gather_rows(indices: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
     n, k = rows.shape
     counts = torch.tensor([n], dtype=torch.int64, device=device)
     all_counts = torch.empty(world, dtype=torch.int64, device=device)
-    dist.all_gather_into_tensor(all_counts, counts)
+    _all_gather_flat(all_counts, counts)
     cap = int(all_counts.max())
     width = 8 + 4 * k  # bytes per row: the int64 index, then K float32 values
     packed = torch.zeros(cap, width, dtype=torch.uint8, device=device)
@@ -253,7 +259,7 @@ def all_gather_rows(indices: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         packed[:n, :8] = idx.view(torch.uint8).reshape(n, 8)
         packed[:n, 8:] = vals.view(torch.uint8).reshape(n, 4 * k)
     out = torch.empty(world * cap, width, dtype=torch.uint8, device=device)
-    dist.all_gather_into_tensor(out, packed)
+    _all_gather_flat(out, packed)
     # keep the first count_r rows of each rank's block (a vectorized mask, no loop over rows)
     position = torch.arange(cap, device=device).repeat(world)
     keep = position < all_counts.repeat_interleave(cap)
