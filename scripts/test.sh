@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV="${SELFKD_VENV:-.venv}"
-"$VENV/bin/ruff" check src tests bench
+"$VENV/bin/ruff" check src tests bench scripts
 "$VENV/bin/python" -m pytest "$@"
