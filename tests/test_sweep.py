@@ -39,6 +39,7 @@ EXPECTED = {
     "drg/table2_tiny_imagenet.yaml": 21,
     "cpu/fmnist_aikd_study.yaml": 12,
     "cpu/fmnist_methods.yaml": 33,
+    "cpu/fmnist_comparison.yaml": 54,
 }
 
 
