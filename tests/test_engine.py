@@ -175,3 +175,17 @@ def test_nonfinite_skip_mode_counts_steps(tiny_dict):
     tiny_dict["train"]["epochs"] = 1
     final = train(config_from_dict(tiny_dict), quiet=True)
     assert final["skipped_steps"] == 1  # 48 samples / 16 = 3 steps; only global step 2 is NaN
+
+
+def test_a_run_directory_in_use_is_refused(tiny_dict):
+    from selfkd.engine.rundir import RunDir
+
+    cfg = config_from_dict(tiny_dict)
+    other = RunDir(Path(cfg.run.out_dir) / cfg.run.name)
+    other.acquire()  # another process (a second open file description) holds the run
+    try:
+        with pytest.raises(RunDirError, match="in use by another selfkd process"):
+            train(cfg, quiet=True)
+    finally:
+        other.release()
+    train(cfg, quiet=True)  # free again: trains

@@ -81,6 +81,43 @@ class RunDir:
         except (OSError, json.JSONDecodeError):
             return None
 
+    def acquire(self) -> None:
+        """Take an exclusive lock on this run directory (``.in-use.lock``) for this process.
+
+        Two processes training one run directory would overwrite each other's checkpoints;
+        the second gets a RunDirError. The lock is released by :meth:`release` or when the
+        process exits (also on SIGKILL), so a crashed run never stays locked.
+        """
+        if getattr(self, "_lock", None) is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no locking
+            return
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / ".in-use.lock", "w")  # noqa: SIM115 (held until release)
+        except OSError as exc:
+            raise RunDirError(
+                f"cannot write to run directory {self.path} ({exc.strerror or exc}); "
+                "set run.out_dir to a writable folder"
+            ) from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise RunDirError(
+                f"run directory {self.path} is in use by another selfkd process; wait for it "
+                "to finish or choose another run.name"
+            ) from None
+        self._lock = handle
+
+    def release(self) -> None:
+        handle = getattr(self, "_lock", None)
+        if handle is not None:
+            handle.close()
+            self._lock = None
+
     def prepare(self, *, resume: bool, overwrite: bool) -> None:
         """Create the directory; check it is writable and not holding another run."""
         if self.holds_run() and not (resume or overwrite):

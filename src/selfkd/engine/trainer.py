@@ -275,6 +275,7 @@ class Trainer:
             else False
         )
         if self.is_main:
+            self.run.acquire()
             self.run.prepare(resume=resume, overwrite=overwrite)
             self.log = self.run.logger(cfg.run.name, quiet=quiet)
         else:
@@ -583,6 +584,7 @@ class Trainer:
             if self.tb is not None:
                 self.tb.close()
             close_logger(self.log)
+            self.run.release()
         return final
 
     # --- signals ----------------------------------------------------------------------------
