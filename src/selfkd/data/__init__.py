@@ -54,6 +54,7 @@ __all__ = [
     "Mixer",
     "RawSplits",
     "build_data",
+    "build_data_from_config",
     "check_options",
     "epoch_seed",
     "per_class_subset",
@@ -343,4 +344,31 @@ def build_data(
         resolved=resolved,
         train_source_indices=torch.arange(n_full) if pool is None else pool,
         val_source_indices=val_src,
+    )
+
+
+def build_data_from_config(
+    data: Any, seed: int, *, batch_size: int | None = None, rank: int = 0, world_size: int = 1
+) -> DataBundle:
+    """:func:`build_data` from a config's ``data`` section (:class:`selfkd.config.DataConfig`).
+
+    ``batch_size`` overrides ``data.batch_size`` (the per-process batch under DDP).
+    """
+    return build_data(
+        name=data.name,
+        root=data.root,
+        batch_size=data.batch_size if batch_size is None else batch_size,
+        eval_batch_size=data.eval_batch_size,
+        per_class=data.per_class,
+        val_size=data.val_size,
+        split_seed=data.split_seed,
+        seed=seed,
+        workers=data.workers,
+        augment=data.augment,
+        normalize=data.normalize,
+        options=data.options,
+        drop_last=data.drop_last,
+        rank=rank,
+        world_size=world_size,
+        skip_corrupt=data.skip_corrupt,
     )

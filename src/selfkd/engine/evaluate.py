@@ -50,7 +50,7 @@ def build_model_from_checkpoint(
 
 def load_run(run_dir: str | Path, which: str = "last", device: str = "auto") -> LoadedRun:
     """Rebuild data and model from RUN/config.yaml and load RUN/checkpoints/<which>.pt."""
-    from selfkd.data import build_data
+    from selfkd.data import build_data_from_config
 
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).is_file():
@@ -60,23 +60,7 @@ def load_run(run_dir: str | Path, which: str = "last", device: str = "auto") -> 
         )
     cfg = load_config(run_dir / CONFIG)
     dev = resolve_device(device)
-    d = cfg.data
-    data = build_data(
-        name=d.name,
-        root=d.root,
-        batch_size=d.batch_size,
-        eval_batch_size=d.eval_batch_size,
-        per_class=d.per_class,
-        val_size=d.val_size,
-        split_seed=d.split_seed,
-        seed=cfg.run.seed,
-        workers=d.workers,
-        augment=d.augment,
-        normalize=d.normalize,
-        options=d.options,
-        drop_last=d.drop_last,
-        skip_corrupt=d.skip_corrupt,
-    )
+    data = build_data_from_config(cfg.data, cfg.run.seed)
     path = run_dir / "checkpoints" / f"{which}.pt"
     model, state = build_model_from_checkpoint(cfg, data, path, dev)
     return LoadedRun(cfg, data, model, dev, amp_dtype(cfg.run.amp, dev), state)

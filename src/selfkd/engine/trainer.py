@@ -124,6 +124,31 @@ def wants_progress_bar(mode: str) -> bool:
 
 
 @torch.no_grad()
+def _forward_split(
+    model: nn.Module,
+    loader: Any,
+    transform: Any,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    channels_last: bool,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Eval-mode forward over ``loader``: float32 logits, targets and indices per batch."""
+    was_training = model.training
+    model.eval()
+    outs, targets, indices = [], [], []
+    for x, y, idx in loader.iterate(0):
+        x = transform.eval(x.to(device, non_blocking=True))
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, dtype):
+            logits = model(x)
+        outs.append(logits.float())
+        targets.append(y)
+        indices.append(idx)
+    model.train(was_training)
+    return outs, targets, indices
+
+
 def collect_logits(
     model: nn.Module,
     loader: Any,
@@ -133,22 +158,10 @@ def collect_logits(
     channels_last: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Run ``model`` in eval mode over ``loader``; return float32 CPU logits and targets."""
-    was_training = model.training
-    model.eval()
-    outs, targets = [], []
-    for x, y, _ in loader.iterate(0):
-        x = transform.eval(x.to(device, non_blocking=True))
-        if channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, dtype):
-            logits = model(x)
-        outs.append(logits.float().cpu())
-        targets.append(y.cpu())
-    model.train(was_training)
-    return torch.cat(outs), torch.cat(targets)
+    outs, targets, _ = _forward_split(model, loader, transform, device, dtype, channels_last)
+    return torch.cat(outs).cpu(), torch.cat(targets).cpu()
 
 
-@torch.no_grad()
 def collect_logits_distributed(
     model: nn.Module,
     loader: Any,
@@ -163,22 +176,11 @@ def collect_logits_distributed(
     sample index and de-duplicated, so every rank returns the logits of the whole split, in
     index order (the order of an unsharded, unshuffled loader).
     """
-    was_training = model.training
-    model.eval()
-    outs, targets, indices = [], [], []
-    for x, y, idx in loader.iterate(0):
-        x = transform.eval(x.to(device, non_blocking=True))
-        if channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, dtype):
-            logits = model(x)
-        outs.append(logits.float())
-        targets.append(y.to(device).float())
-        indices.append(idx.to(device))
-    model.train(was_training)
+    outs, targets, indices = _forward_split(model, loader, transform, device, dtype, channels_last)
     if outs:
-        rows = torch.cat([torch.cat(outs), torch.cat(targets)[:, None]], dim=1)
-        index = torch.cat(indices)
+        labels = torch.cat(targets).to(device).float()
+        rows = torch.cat([torch.cat(outs), labels[:, None]], dim=1)
+        index = torch.cat(indices).to(device)
     else:  # an empty shard still takes part in the gather
         k = _num_outputs(model)
         rows = torch.empty(0, k + 1, device=device)
@@ -367,26 +369,14 @@ class Trainer:
 
     # --- construction -----------------------------------------------------------------------
     def _build_data(self) -> Any:
-        from selfkd.data import build_data
+        from selfkd.data import build_data_from_config
 
-        d = self.cfg.data
-        return build_data(
-            name=d.name,
-            root=d.root,
+        return build_data_from_config(
+            self.cfg.data,
+            self.cfg.run.seed,
             batch_size=self.batch_size,
-            eval_batch_size=d.eval_batch_size,
-            per_class=d.per_class,
-            val_size=d.val_size,
-            split_seed=d.split_seed,
-            seed=self.cfg.run.seed,
-            workers=d.workers,
-            augment=d.augment,
-            normalize=d.normalize,
-            options=d.options,
-            drop_last=d.drop_last,
             rank=self.rank,
             world_size=self.world_size,
-            skip_corrupt=d.skip_corrupt,
         )
 
     def _input_shape(self) -> tuple[int, int, int]:
