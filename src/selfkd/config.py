@@ -312,19 +312,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; ``base: other.yaml`` (relative to this file) is merged underneath."""
+def load_yaml_file(path: str | Path, what: str = "config") -> Any:
+    """Parse a YAML file; ConfigError (naming ``what`` and the line) if missing or invalid."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config {path} is not valid YAML{where}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML{where}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config {path}: {exc}") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; ``base: other.yaml`` (relative to this file) is merged underneath."""
+    path = Path(path)
+    data = load_yaml_file(path, "config")
     if data is None:
         data = {}
     if not isinstance(data, dict):

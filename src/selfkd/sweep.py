@@ -51,9 +51,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from selfkd.config import Config, config_from_dict, merge, parse_override, read_yaml
+from selfkd.config import (
+    Config,
+    config_from_dict,
+    load_yaml_file,
+    merge,
+    parse_override,
+    read_yaml,
+)
 from selfkd.engine.rundir import RunDir
 from selfkd.errors import ConfigError, RunInterrupted, SelfKDError
 from selfkd.registry import close_matches
@@ -363,14 +368,7 @@ def load_sweep(
 ) -> Sweep:
     """Read, expand and validate a sweep file; ``only`` keeps runs whose name matches."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file not found: {path}")
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"sweep {path} is not valid YAML{where}") from None
+    spec = load_yaml_file(path, "sweep")
     runs = expand(spec or {}, path.parent, cli_set, label=f"sweep {path}")
     if only:
         runs = [r for r in runs if matches(r.name, only)]

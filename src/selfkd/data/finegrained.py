@@ -53,12 +53,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from selfkd.data.base import AugmentSpec, RawSplits
+from selfkd.data.base import RawSplits
 from selfkd.data.imagefolder import (
     IMAGE_EXTENSIONS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    FileImageDataset,
+    make_splits,
 )
 from selfkd.data.registry import DATASETS, check_options
 from selfkd.errors import ConfigError, DataError
@@ -136,40 +134,6 @@ def check_image_size(size: Any) -> int:
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ConfigError(f"data.options.image_size must be a positive integer, got {size!r}")
     return size
-
-
-def make_splits(
-    *,
-    title: str,
-    train: list[Sample],
-    test: list[Sample],
-    names: list[str],
-    size: int,
-    base: Path,
-    opts: dict[str, Any],
-    augment: AugmentSpec | None = None,
-    mean: tuple[float, ...] = IMAGENET_MEAN,
-    std: tuple[float, ...] = IMAGENET_STD,
-) -> RawSplits:
-    """RawSplits of two FileImageDatasets (default: the 224 random-resized-crop protocol)."""
-    for split, samples in (("training", train), ("test", test)):
-        if not samples:
-            raise DataError(f"{title}: the {split} split in {base} holds no images")
-    if augment is None:
-        augment = AugmentSpec("random_resized_crop", crop_size=size, crop_padding=0, hflip=True)
-    return RawSplits(
-        train=FileImageDataset(train, names),
-        test=FileImageDataset(test, names),
-        num_classes=len(names),
-        in_channels=3,
-        image_size=size,
-        mean=mean,
-        std=std,
-        augment=augment,
-        class_names=names,
-        root=str(base),
-        options=opts,
-    )
 
 
 def _int(text: str, path: Path, lineno: int, title: str, what: str) -> int:

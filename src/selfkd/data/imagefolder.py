@@ -151,6 +151,40 @@ def build_file_transforms(
     return T.Compose(train + tail), T.Compose(test + tail)
 
 
+def make_splits(
+    *,
+    title: str,
+    train: list[tuple[str, int]],
+    test: list[tuple[str, int]],
+    names: list[str],
+    size: int,
+    base: Path,
+    opts: dict[str, Any],
+    augment: AugmentSpec | None = None,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> RawSplits:
+    """RawSplits of two FileImageDatasets (default: the 224 random-resized-crop protocol)."""
+    for split, samples in (("training", train), ("test", test)):
+        if not samples:
+            raise DataError(f"{title}: the {split} split in {base} holds no images")
+    if augment is None:
+        augment = AugmentSpec("random_resized_crop", crop_size=size, crop_padding=0, hflip=True)
+    return RawSplits(
+        train=FileImageDataset(train, names),
+        test=FileImageDataset(test, names),
+        num_classes=len(names),
+        in_channels=3,
+        image_size=size,
+        mean=mean,
+        std=std,
+        augment=augment,
+        class_names=names,
+        root=str(base),
+        options=opts,
+    )
+
+
 def _scan(folder: Path) -> dict[str, list[Path]]:
     classes: dict[str, list[Path]] = {}
     for d in sorted(p for p in folder.iterdir() if p.is_dir()):
@@ -219,16 +253,13 @@ def imagefolder(root: str | None = None, **options: Any) -> RawSplits:
         augment = AugmentSpec("random_resized_crop", crop_size=size, crop_padding=0, hflip=True)
     else:
         augment = AugmentSpec("pad_crop", crop_size=size, crop_padding=4, hflip=True)
-    return RawSplits(
-        train=FileImageDataset(train, names),
-        test=FileImageDataset(test, names),
-        num_classes=len(names),
-        in_channels=3,
-        image_size=size,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+    return make_splits(
+        title="imagefolder",
+        train=train,
+        test=test,
+        names=names,
+        size=size,
+        base=base,
+        opts=opts,
         augment=augment,
-        class_names=names,
-        root=str(base),
-        options=opts,
     )
