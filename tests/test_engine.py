@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -166,6 +167,13 @@ def test_nonfinite_loss_stops_with_step_and_terms(tiny_dict):
     tiny_dict["method"] = {"name": "_nan_after_two_steps"}
     with pytest.raises(TrainingError, match=r"non-finite loss .*global step 2.*terms: ce="):
         train(config_from_dict(tiny_dict), quiet=True)
+    # the run is recorded as failed (reports list it, never drop it)
+    run = Path(tiny_dict["run"]["out_dir"]) / "tiny"
+    final = json.loads((run / "final.json").read_text())
+    assert final["status"] == "failed" and "non-finite loss" in final["error"]
+    from selfkd.report.table import report
+
+    assert "| _nan_after_two_steps | 0 (+1 failed) |" in report([run])
 
 
 def test_nonfinite_skip_mode_counts_steps(tiny_dict):

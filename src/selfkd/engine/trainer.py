@@ -46,6 +46,7 @@ Distributed data parallel (launched by ``torchrun``; :mod:`selfkd.engine.distrib
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -77,7 +78,13 @@ from selfkd.engine.device import (
 )
 from selfkd.engine.optim import build_optimizer, lr_at, set_lr
 from selfkd.engine.rundir import RunDir, close_logger
-from selfkd.errors import CheckpointError, ConfigError, RunInterrupted, TrainingError
+from selfkd.errors import (
+    CheckpointError,
+    ConfigError,
+    RunInterrupted,
+    SelfKDError,
+    TrainingError,
+)
 from selfkd.methods import Batch, Method, MethodContext, StepInfo, build_method
 
 Callback = Callable[["Trainer", int], None]
@@ -569,6 +576,9 @@ class Trainer:
                 for callback in self.callbacks:
                     callback(self, self.epoch)
             final = self.finalize()
+        except (SelfKDError, RuntimeError, ValueError, OSError) as exc:
+            self._record_failure(exc)
+            raise
         finally:
             self._restore_signal_handlers()
             if self.tb is not None:
@@ -576,6 +586,23 @@ class Trainer:
             close_logger(self.log)
             self.run.release()
         return final
+
+    def _record_failure(self, exc: BaseException) -> None:
+        """Mark the run as failed in final.json (reports list it); resuming is still possible."""
+        if not self.is_main or isinstance(exc, RunInterrupted):
+            return
+        lines = str(exc).strip().splitlines()
+        with contextlib.suppress(OSError):
+            self.run.write_final(
+                {
+                    "status": "failed",
+                    "error": f"{type(exc).__name__}: {lines[0] if lines else ''}"[:500],
+                    "epoch": self.epoch,
+                    "global_step": self.global_step,
+                    "method": self.method.name,
+                    "seed": self.cfg.run.seed,
+                }
+            )
 
     # --- signals ----------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
