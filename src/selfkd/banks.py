@@ -67,6 +67,12 @@ def resolve_bank_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
+def check_bank_topk(topk: object) -> None:
+    """``method.bank_topk`` must be None (dense bank) or a positive integer."""
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+        raise ConfigError(f"method.bank_topk must be a positive integer or null, got {topk!r}")
+
+
 def _id_dtype(num_classes: int) -> torch.dtype:
     return torch.int16 if num_classes <= 32767 else torch.int32
 

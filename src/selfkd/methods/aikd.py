@@ -93,12 +93,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from selfkd.banks import BANK_DTYPES, Gather, PredictionBank, bank_storage
+from selfkd.banks import BANK_DTYPES, Gather, PredictionBank, bank_storage, check_bank_topk
 from selfkd.errors import ConfigError, ModelError, TrainingError
 from selfkd.losses import aikd_loss, wgan_critic_loss
 from selfkd.losses.mixing import mixed_ce, split_loss
 from selfkd.methods.base import METHODS, Batch, Method, MethodContext, StepInfo, StepOutput
 from selfkd.methods.critic import CRITIC_NORMS, Critic
+from selfkd.models.taps import unwrap_model
 
 __all__ = ["ABLATIONS", "AIKD", "AIKDParams"]
 
@@ -163,14 +164,7 @@ class AIKDParams:
                 f"method.critic_hidden must be a non-empty list of positive sizes, got "
                 f"{self.critic_hidden}"
             )
-        if self.bank_topk is not None and (
-            isinstance(self.bank_topk, bool)
-            or not isinstance(self.bank_topk, int)
-            or self.bank_topk < 1
-        ):
-            raise ConfigError(
-                f"method.bank_topk must be a positive integer or null, got {self.bank_topk!r}"
-            )
+        check_bank_topk(self.bank_topk)
         if self.n_critic < 1:
             raise ConfigError(f"method.n_critic must be at least 1, got {self.n_critic}")
         if not isinstance(self.superior, str) or not self.superior.strip():
@@ -216,18 +210,6 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]
         return torch.autocast(device_type=device.type, enabled=False)
     except (RuntimeError, ValueError):  # pragma: no cover - exotic device types
         return contextlib.nullcontext()
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    while True:
-        for name in ("module", "_orig_mod"):
-            inner = getattr(model, name, None)
-            if isinstance(inner, nn.Module):
-                model = inner
-                break
-        else:
-            return model
 
 
 def _clone_state(value: Any) -> Any:
@@ -455,7 +437,7 @@ class AIKD(Method):
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
         if self.weights["alpha_p"] > 0 and self.params.prev_source == "snapshot":
-            self._refresh_snapshot(_unwrap(model).state_dict(), template=model)
+            self._refresh_snapshot(unwrap_model(model).state_dict(), template=model)
 
     # --- pieces of a step -------------------------------------------------------------------
     def _previous(self, batch: Batch, logits: Tensor) -> Tensor:
@@ -517,7 +499,7 @@ class AIKD(Method):
             if self._build_model is not None:
                 snapshot = self._build_model()
             elif template is not None:
-                snapshot = copy.deepcopy(_unwrap(template))
+                snapshot = copy.deepcopy(unwrap_model(template))
             else:
                 raise RuntimeError("AI-KD cannot build a snapshot model before setup")
             if self._device is not None:

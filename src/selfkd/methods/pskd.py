@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfkd.banks import BANK_DTYPES, Gather, PredictionBank, bank_storage
+from selfkd.banks import BANK_DTYPES, Gather, PredictionBank, bank_storage, check_bank_topk
 from selfkd.errors import ConfigError
 from selfkd.losses.mixing import mixed_ce, split_loss
 from selfkd.losses.pskd import pskd_alpha, pskd_loss
@@ -80,14 +80,7 @@ class PSKDParams:
                 f"method.bank_dtype must be one of {', '.join(BANK_DTYPES)}, "
                 f"got {self.bank_dtype!r}"
             )
-        if self.bank_topk is not None and (
-            isinstance(self.bank_topk, bool)
-            or not isinstance(self.bank_topk, int)
-            or self.bank_topk < 1
-        ):
-            raise ConfigError(
-                f"method.bank_topk must be a positive integer or null, got {self.bank_topk!r}"
-            )
+        check_bank_topk(self.bank_topk)
 
 
 @METHODS.register("pskd", "ps-kd")

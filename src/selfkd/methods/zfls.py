@@ -46,6 +46,7 @@ from selfkd.errors import ConfigError, ModelError
 from selfkd.losses.zfls import UPSAMPLE_MODES, dense_votes, vote_counts, zfls_loss
 from selfkd.methods.base import METHODS, Batch, Method, MethodContext, StepInfo, StepOutput
 from selfkd.models import FeatureTaps, available_taps
+from selfkd.models.taps import unwrap_model
 
 __all__ = ["ZFLS", "ZFLSParams"]
 
@@ -73,18 +74,6 @@ class ZFLSParams:
             raise ConfigError("method.tap of zfls must name a feature tap, e.g. 'features'")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    while True:
-        for name in ("module", "_orig_mod"):
-            inner = getattr(model, name, None)
-            if isinstance(inner, nn.Module):
-                model = inner
-                break
-        else:
-            return model
-
-
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     try:
         return torch.autocast(device_type=device.type, enabled=False)
@@ -107,7 +96,7 @@ class ZFLS(Method):
 
     def setup(self, model: nn.Module, ctx: MethodContext) -> None:
         p: ZFLSParams = self.params
-        inner = _unwrap(model)
+        inner = unwrap_model(model)
         model_name = type(inner).__name__
         classifier = getattr(inner, "classifier", None)
         if not isinstance(classifier, nn.Linear):

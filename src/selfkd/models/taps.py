@@ -41,6 +41,18 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        for name in ("module", "_orig_mod"):
+            inner = getattr(model, name, None)
+            if isinstance(inner, nn.Module):
+                model = inner
+                break
+        else:
+            return model
+
+
 def available_taps(model: nn.Module) -> dict[str, str]:
     """The model's named feature taps (name -> spec); ``{}`` for a model without ``taps``."""
     taps = getattr(_unwrap(model), "taps", None)
