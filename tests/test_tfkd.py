@@ -263,3 +263,17 @@ def test_end_to_end_and_resume(tiny_dict, name: str) -> None:
     assert len(full) == 2 and "train_ce" in full[0] and "train_kd" in full[0]
     phase1 = phase1_config(config_from_dict(tiny_dict))
     assert (Path(phase1.run.out_dir) / phase1.run.name).exists() == (name == "tfkd_self")
+
+
+def test_frozen_forward_is_eval_no_grad_and_checks_shapes() -> None:
+    from selfkd.errors import ModelError
+    from selfkd.methods.base import frozen_forward
+
+    frozen = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).train()
+    x = torch.randn(5, 3)
+    out = frozen_forward(frozen, x, torch.zeros(5, 4), "teacher", "tfkd_self")
+    assert not frozen.training and not out.requires_grad
+    with pytest.raises(
+        ModelError, match=r"tfkd_self: the teacher outputs \(5, 4\) but the student"
+    ):
+        frozen_forward(frozen, x, torch.zeros(5, 7), "teacher", "tfkd_self")

@@ -94,10 +94,18 @@ import torch
 from torch import Tensor, nn
 
 from selfkd.banks import BANK_DTYPES, Gather, PredictionBank, bank_storage, check_bank_topk
-from selfkd.errors import ConfigError, ModelError, TrainingError
+from selfkd.errors import ConfigError, TrainingError
 from selfkd.losses import aikd_loss, wgan_critic_loss
 from selfkd.losses.mixing import mixed_ce, split_loss
-from selfkd.methods.base import METHODS, Batch, Method, MethodContext, StepInfo, StepOutput
+from selfkd.methods.base import (
+    METHODS,
+    Batch,
+    Method,
+    MethodContext,
+    StepInfo,
+    StepOutput,
+    frozen_forward,
+)
 from selfkd.methods.critic import CRITIC_NORMS, Critic
 from selfkd.models.taps import unwrap_model
 
@@ -371,15 +379,9 @@ class AIKD(Method):
         if self.needs_teacher():
             superior = self._frozen["superior"]
             assert superior is not None
-            if superior.training:
-                superior.eval()
-            with torch.no_grad():
-                superior_logits = superior(batch.inputs)
-            if superior_logits.shape != logits.shape:
-                raise ModelError(
-                    f"the superior model outputs {tuple(superior_logits.shape)} but the student "
-                    f"{tuple(logits.shape)}; phase 1 must use the same model and classes"
-                )
+            superior_logits = frozen_forward(
+                superior, batch.inputs, logits, "superior model", self.name
+            )
         prev = self._previous(batch, logits) if w["alpha_p"] > 0 else None
 
         extra: dict[str, Tensor] = {}

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from selfkd.config import build_dataclass
-from selfkd.errors import ConfigError
+from selfkd.errors import ConfigError, ModelError
 from selfkd.registry import Registry
 
 if TYPE_CHECKING:
@@ -173,6 +173,23 @@ class Method(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, **dataclasses.asdict(self.params)}
+
+
+def frozen_forward(
+    model: nn.Module, inputs: Tensor, student_logits: Tensor, role: str, method: str
+) -> Tensor:
+    """Logits of a frozen model (AI-KD's superior, TF-KD's teacher): eval mode, no gradient,
+    checked to match the student's logits in shape (ModelError otherwise)."""
+    if model.training:
+        model.eval()
+    with torch.no_grad():
+        logits = model(inputs)
+    if logits.shape != student_logits.shape:
+        raise ModelError(
+            f"method {method}: the {role} outputs {tuple(logits.shape)} but the student "
+            f"{tuple(student_logits.shape)}; phase 1 must train the same model on the same classes"
+        )
+    return logits
 
 
 METHODS: Registry[type[Method]] = Registry("method")

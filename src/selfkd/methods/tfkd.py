@@ -52,12 +52,19 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
-from selfkd.errors import ConfigError, ModelError
+from selfkd.errors import ConfigError
 from selfkd.losses.smoothing import tfkd_kd_weight, tfkd_reg_loss, tfkd_self_loss
-from selfkd.methods.base import METHODS, Batch, Method, MethodContext, StepInfo, StepOutput
+from selfkd.methods.base import (
+    METHODS,
+    Batch,
+    Method,
+    MethodContext,
+    StepInfo,
+    StepOutput,
+    frozen_forward,
+)
 
 __all__ = ["TFKDReg", "TFKDRegParams", "TFKDSelf", "TFKDSelfParams"]
 
@@ -187,16 +194,7 @@ class TFKDSelf(Method):
         teacher = self._frozen["teacher"]
         if self.kd_weight > 0:
             assert teacher is not None
-            if teacher.training:
-                teacher.eval()
-            with torch.no_grad():
-                teacher_logits = teacher(batch.inputs)
-            if teacher_logits.shape != logits.shape:
-                raise ModelError(
-                    f"method tfkd_self: the teacher outputs {tuple(teacher_logits.shape)} but the "
-                    f"student {tuple(logits.shape)}; the teacher must be the same model trained "
-                    "on the same classes"
-                )
+            teacher_logits = frozen_forward(teacher, batch.inputs, logits, "teacher", self.name)
         loss, terms = tfkd_self_loss(
             logits,
             batch.targets,
