@@ -43,6 +43,9 @@ class RunConfig:
     eval_every: int = 1
     nonfinite: str = "stop"  # stop | skip: what a NaN/Inf loss does
     max_skipped_steps: int = 20
+    # steps between host checks of the device-side non-finite record (and, under DDP, of stop
+    # signals); 1 = every step. A stop signal is acted on at the next check.
+    check_every: int = 20
 
 
 @dataclass
@@ -232,6 +235,7 @@ def validate_values(cfg: Config) -> None:
         (cfg.data.per_class is None or cfg.data.per_class >= 1, "data.per_class must be >= 1"),
         (cfg.data.val_size >= 0, "data.val_size must be >= 0 (a count or a fraction)"),
         (cfg.run.eval_every >= 1, "run.eval_every must be at least 1"),
+        (cfg.run.check_every >= 1, "run.check_every must be at least 1"),
         (cfg.run.threads is None or cfg.run.threads >= 1, "run.threads must be at least 1"),
         (bool(cfg.run.name.strip()), "run.name must not be empty"),
     ]

@@ -75,12 +75,21 @@ class MixInfo:
 
     ``index`` (B, long): the partner of each row (identity on unmixed rows); ``lam``: the weight
     of a row's own label, a 0-dim tensor (one λ per batch) or one value per row; ``rows`` (B,
-    bool): the rows that were mixed.
+    bool): the rows that were mixed; ``unmixed`` (long, ascending): the other rows' positions,
+    so methods can select them without a boolean mask (whose result size the host would have to
+    read back from the device).
     """
 
     index: Tensor
     lam: Tensor
     rows: Tensor
+    unmixed: Tensor | None = None
+
+    def unmixed_rows(self) -> Tensor:
+        """Positions of the unmixed rows, ascending (``(~rows).nonzero()`` when not given)."""
+        if self.unmixed is None:
+            self.unmixed = (~self.rows).nonzero().reshape(-1)
+        return self.unmixed
 
 
 @dataclass
@@ -243,40 +252,46 @@ class Mixer:
         ):
             return inputs, None
         if split:
-            rows, index = self._split_rows(b, dev, generator)
+            rows, index, unmixed = self._split_rows(b, dev, generator)
         elif self.name == "cutout":
-            rows, index = None, None
+            rows, index, unmixed = None, None, None
         else:
             rows = torch.ones(b, dtype=torch.bool, device=dev)
             index = torch.randperm(b, device=dev, generator=generator)
+            unmixed = torch.empty(0, dtype=torch.long, device=dev)
 
         if self.name == "cutout":
             out = self._cutout(inputs, rows, generator)
             if rows is None:
                 return out, None
             assert index is not None
-            return out, MixInfo(index=index, lam=torch.ones((), device=dev), rows=rows)
+            return out, MixInfo(
+                index=index, lam=torch.ones((), device=dev), rows=rows, unmixed=unmixed
+            )
         assert rows is not None and index is not None
         if self.name == "mixup":
             lam = sample_beta(self.alpha, dev, generator)
             mixed = inputs * lam.to(inputs.dtype) + inputs[index] * (1 - lam).to(inputs.dtype)
             keep = rows.view(b, *([1] * (inputs.dim() - 1)))
-            return torch.where(keep, mixed, inputs), MixInfo(index=index, lam=lam, rows=rows)
+            info = MixInfo(index=index, lam=lam, rows=rows, unmixed=unmixed)
+            return torch.where(keep, mixed, inputs), info
         out, lam = self._cutmix(inputs, rows, index, generator)
-        return out, MixInfo(index=index, lam=lam, rows=rows)
+        return out, MixInfo(index=index, lam=lam, rows=rows, unmixed=unmixed)
 
     @staticmethod
     def _split_rows(
         b: int, dev: torch.device, generator: torch.Generator | None
-    ) -> tuple[Tensor, Tensor]:
-        """A random half (⌊B/2⌋) of the rows, and partners permuted among those rows."""
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """A random half (⌊B/2⌋) of the rows, partners permuted among those rows, and the
+        positions of the other rows (ascending)."""
         order = torch.randperm(b, device=dev, generator=generator)
         chosen = order[: b // 2]
         rows = torch.zeros(b, dtype=torch.bool, device=dev)
         rows[chosen] = True
         index = torch.arange(b, device=dev)
         index[chosen] = chosen[torch.randperm(b // 2, device=dev, generator=generator)]
-        return rows, index
+        unmixed = torch.sort(order[b // 2 :]).values
+        return rows, index, unmixed
 
     def _cutout(
         self, inputs: Tensor, rows: Tensor | None, generator: torch.Generator | None

@@ -227,15 +227,20 @@ def _all_gather_flat(out: Tensor, tensor: Tensor) -> None:
     gather(out, tensor)
 
 
-def all_gather_rows(indices: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+def all_gather_rows(indices: Tensor, rows: Tensor, cap: int | None = None) -> tuple[Tensor, Tensor]:
     """All ranks' ``(indices, rows)`` concatenated in rank order, on every rank.
 
     ``indices`` is a 1-d integer tensor and ``rows`` a B×K tensor with the same B; B may differ
-    between ranks. Two collectives: the row counts, then one flat all-gather of a
-    byte tensor padded to the largest count, each row holding its int64 index and its values as
-    float32, reinterpreted as bytes (exact: nothing is converted but ``rows`` to float32). Rows
-    come back as float32 on ``rows``' device. This is the ``gather`` hook of
-    :meth:`selfkd.banks.PredictionBank.update`.
+    between ranks. One flat all-gather of a byte tensor padded to ``cap`` rows, each row holding
+    its int64 index and its values as float32, reinterpreted as bytes (exact: nothing is
+    converted but ``rows`` to float32). Rows come back as float32 on ``rows``' device.
+
+    ``cap`` (a bound on every rank's B known to the host, e.g. the per-process batch size): each
+    rank pads with copies of its own last row, and the result keeps the padding, so there is no
+    host read at all; a repeated (index, row) pair changes nothing for a bank update, which keeps
+    the last occurrence of an index. Without ``cap`` (or when a rank has no rows) the row counts
+    are all-gathered first, read on the host, and the padding removed. This is the ``gather``
+    hook of :meth:`selfkd.banks.PredictionBank.update`.
     """
     if not is_distributed():
         return indices, rows
@@ -247,6 +252,8 @@ def all_gather_rows(indices: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
     world = dist.get_world_size()
     device = _comm_device()
     n, k = rows.shape
+    if cap is not None and 0 < n <= cap:
+        return _all_gather_padded(indices, rows, cap, world, device)
     counts = torch.tensor([n], dtype=torch.int64, device=device)
     all_counts = torch.empty(world, dtype=torch.int64, device=device)
     _all_gather_flat(all_counts, counts)
@@ -254,18 +261,42 @@ def all_gather_rows(indices: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
     width = 8 + 4 * k  # bytes per row: the int64 index, then K float32 values
     packed = torch.zeros(cap, width, dtype=torch.uint8, device=device)
     if n:
-        idx = indices.reshape(-1).to(device=device, dtype=torch.int64).contiguous()
-        vals = rows.detach().to(device=device, dtype=torch.float32).contiguous()
-        packed[:n, :8] = idx.view(torch.uint8).reshape(n, 8)
-        packed[:n, 8:] = vals.view(torch.uint8).reshape(n, 4 * k)
+        packed[:n] = _pack_rows(indices, rows, device)
     out = torch.empty(world * cap, width, dtype=torch.uint8, device=device)
     _all_gather_flat(out, packed)
     # keep the first count_r rows of each rank's block (a vectorized mask, no loop over rows)
     position = torch.arange(cap, device=device).repeat(world)
     keep = position < all_counts.repeat_interleave(cap)
-    out = out[keep]
-    out_idx = out[:, :8].contiguous().view(torch.int64).reshape(-1)
-    out_rows = out[:, 8:].contiguous().view(torch.float32)
+    out_idx, out_rows = _unpack_rows(out[keep])
+    return out_idx.to(indices.device), out_rows.to(rows.device)
+
+
+def _pack_rows(indices: Tensor, rows: Tensor, device: torch.device) -> Tensor:
+    """n×(8 + 4K) bytes: each row's int64 index, then its values as float32."""
+    n, k = rows.shape
+    idx = indices.reshape(-1).to(device=device, dtype=torch.int64).contiguous()
+    vals = rows.detach().to(device=device, dtype=torch.float32).contiguous()
+    return torch.cat(
+        [idx.view(torch.uint8).reshape(n, 8), vals.view(torch.uint8).reshape(n, 4 * k)], 1
+    )
+
+
+def _unpack_rows(packed: Tensor) -> tuple[Tensor, Tensor]:
+    out_idx = packed[:, :8].contiguous().view(torch.int64).reshape(-1)
+    return out_idx, packed[:, 8:].contiguous().view(torch.float32)
+
+
+def _all_gather_padded(
+    indices: Tensor, rows: Tensor, cap: int, world: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """:func:`all_gather_rows` with every rank padded to ``cap`` by repeating its last row."""
+    n = rows.shape[0]
+    packed = _pack_rows(indices, rows, device)
+    if n < cap:
+        packed = torch.cat([packed, packed[-1:].expand(cap - n, -1)])
+    out = torch.empty(world * cap, packed.shape[1], dtype=torch.uint8, device=device)
+    _all_gather_flat(out, packed.contiguous())
+    out_idx, out_rows = _unpack_rows(out)
     return out_idx.to(indices.device), out_rows.to(rows.device)
 
 

@@ -25,16 +25,20 @@ Distributed data parallel (launched by ``torchrun``; :mod:`selfkd.engine.distrib
   running statistics are averaged over ranks at the end of every epoch, before evaluation and
   checkpoints, so every replica is identical.
 - **Methods**: a method with a ``gather`` attribute (PS-KD's and AI-KD's prediction banks) gets
-  :func:`~selfkd.engine.distributed.all_gather_rows`, so every rank writes every rank's rows;
+  :func:`~selfkd.engine.distributed.all_gather_rows` (padded to the per-process batch size: one
+  all-gather, no host read), so every rank writes every rank's rows;
   ``MethodContext.reduce_grads`` lets a method keep a module it trains itself (AI-KD's critic)
   identical on all ranks. Method parameters are broadcast from rank 0 after ``setup``.
 - **Random numbers**: all ranks build the model and method with ``run.seed``; afterwards rank
   ``r > 0`` reseeds with a seed derived from (``run.seed``, ``r``) so augmentations differ
   between ranks (rank 0 keeps the single-process stream). Checkpoints hold every rank's RNG
   state, so a resume with the same world size is exact.
-- **Skipped steps and signals**: whether a step's loss is finite and whether a stop signal
-  arrived are decided together on all ranks (one small all-reduce per step), so every rank skips
-  the same steps and stops after the same step.
+- **Checks, skipped steps and signals**: no step waits for the host (see
+  :mod:`selfkd.engine.guard`): a non-finite loss is recorded on the device and read every
+  ``run.check_every`` steps, at the end of every epoch and before any checkpoint. Under DDP the
+  ranks exchange that flag and "a stop signal arrived" in one small all-reduce at those checks,
+  so every rank stops after the same step. ``run.nonfinite: skip`` decides every step (one
+  all-reduce per step), so every rank skips the same steps.
 - **Metrics**: training sums are all-reduced at the end of the epoch; evaluation runs on each
   rank's shard of the test/val set and the logits are all-gathered and de-duplicated by sample
   index (the sharded loaders pad with repeated samples), so metrics are those of the full split.
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 import os
@@ -76,6 +81,7 @@ from selfkd.engine.device import (
     seed_everything,
     set_rng_state,
 )
+from selfkd.engine.guard import NonFinite, NonFiniteWatch, step_values
 from selfkd.engine.optim import build_optimizer, lr_at, set_lr
 from selfkd.engine.rundir import RunDir, close_logger
 from selfkd.errors import (
@@ -199,6 +205,17 @@ def collect_logits_distributed(
     first[1:] = index[1:] != index[:-1]
     rows = rows[first].cpu()
     return rows[:, :-1].contiguous(), rows[:, -1].long()
+
+
+def _to_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it (nested dicts, lists, tuples) moved to the CPU."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 def _num_outputs(model: nn.Module) -> int:
@@ -328,11 +345,14 @@ class Trainer:
         self._extra_modules: nn.Module | None = None
         if self.world_size > 1:
             if hasattr(self.method, "gather"):
-                self.method.gather = D.all_gather_rows
+                # every rank's rows fit in its batch: no count exchange, no host read
+                self.method.gather = functools.partial(D.all_gather_rows, cap=self.batch_size)
             D.broadcast_module(self.method)  # owned heads, critic: rank 0's initial weights
             if extra_modules:
                 self._extra_modules = nn.ModuleList(extra_modules)
         self._stop_everywhere = False
+        #: device-side record of the first non-finite step (run.nonfinite: stop), read at checks
+        self._watch = NonFiniteWatch(self.device)
 
         self.epoch = 0
         self.step_in_epoch = 0  # > 0 only while resuming in the middle of an epoch
@@ -471,6 +491,8 @@ class Trainer:
         extra: dict[str, Any] = {}
         if self.world_size > 1:
             extra["rng_ranks"] = D.all_gather_object(rng_state())
+            if self.method.rank_local_extra_state:  # e.g. DLB's previous batch, per rank
+                extra["method_ranks"] = D.all_gather_object(_to_cpu(self.method.rank_state()))
         return {
             **extra,
             "meta": self._meta(),
@@ -519,6 +541,9 @@ class Trainer:
                 f"checkpoint {self.run.last} does not match this run's model or method ({first}); "
                 "resume with the config it was written with"
             ) from None
+        own = data.get("method_ranks")
+        if self.world_size > 1 and isinstance(own, list) and len(own) == self.world_size:
+            self.method.load_rank_state(own[self.rank])  # else every rank keeps rank 0's
         ranks = data.get("rng_ranks")
         if self.world_size > 1 and isinstance(ranks, list) and len(ranks) == self.world_size:
             set_rng_state(ranks[self.rank])
@@ -629,12 +654,14 @@ class Trainer:
     ) -> None:
         """After a step: if a signal arrived, write a mid-epoch checkpoint and stop.
 
-        Under DDP the decision is the same on every rank (made in :meth:`train_step`): a signal
-        on any rank stops all of them after the same step.
+        Under DDP the decision is the same on every rank (made at a check point, see
+        :meth:`_check`): a signal on any rank stops all of them after the same step.
         """
         stop = self._stop_everywhere if self.world_size > 1 else self._stop_signal is not None
         if not stop:
             return
+        if self.world_size == 1:
+            self._check()  # never checkpoint weights a non-finite step has touched
         signum = self._stop_signal if self._stop_signal is not None else signal.SIGTERM
         if self.world_size > 1:
             # BatchNorm running statistics are linear in their updates: averaging them now or at
@@ -684,10 +711,16 @@ class Trainer:
                 dynamic_ncols=True,
             )
             bar.update(first)
+        check_every = cfg.run.check_every
+        last_step = self.steps_per_epoch - 1
+        checking = True
         for step, (x, y, idx) in enumerate(loader.iterate(epoch, first), start=first):
             result = self.train_step(x, y, idx, epoch, step)
             self.global_step += 1
             self.step_in_epoch = step + 1
+            checking = self.global_step % check_every == 0 or step == last_step
+            if checking:
+                self._check()
             if result is None:
                 self._stop_if_asked(epoch, sums, seen, wrong, start)
                 continue  # a skipped non-finite step
@@ -704,11 +737,13 @@ class Trainer:
                 wrong += (out.logits.detach().argmax(1) != out.targets).sum()
             if bar is not None:
                 bar.update(1)
-                if step % 10 == 0:
+                if checking:  # the host reads the loss only where it checks anyway
                     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.4g}")
             self._stop_if_asked(epoch, sums, seen, wrong, start)
         if bar is not None:
             bar.close()
+        if not checking:
+            self._check()  # an epoch ends checked: its checkpoint never holds diverged weights
         self.step_in_epoch = 0
         if self.world_size > 1:
             D.sync_buffers(self.model)  # BatchNorm running statistics: the mean over ranks
@@ -789,20 +824,11 @@ class Trainer:
         with autocast(self.device, self.amp):
             out = self.method.training_step(self.forward_model, batch, info)
         loss = out.loss.float()
-        finite = bool(torch.isfinite(loss))
-        if self.world_size > 1:
-            # one decision for all ranks: skip this step? stop after it?
-            flags = torch.tensor(
-                [float(not finite), float(self._stop_signal is not None)], device=self.device
-            )
-            flags = D.all_reduce_max(flags)
-            self._stop_everywhere = bool(flags[1] > 0)
-            if flags[0] > 0:
-                self._nonfinite(out, info, here=not finite)
+        if cfg.run.nonfinite == "skip":
+            if self._skip_nonfinite(loss, out.terms, info.global_step):
                 return None
-        elif not finite:
-            self._nonfinite(out, info)
-            return None
+        else:  # stop: recorded on the device, read at the next check (no host round-trip)
+            self._watch.observe(loss, out.terms, info.global_step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self._extra_modules is not None:
@@ -816,20 +842,58 @@ class Trainer:
         self.method.after_optimizer_step(self.forward_model, batch, out)
         return out, loss, lr
 
-    def _nonfinite(self, out: Any, info: StepInfo, here: bool = True) -> None:
-        terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.terms.items())
-        what = f"non-finite loss {float(out.loss.detach()):.4g}"
-        if not here:
-            what = f"non-finite loss on another rank (rank {self.rank}: loss {float(out.loss):.4g})"
-        where = (
-            f"{what} at epoch {info.epoch + 1}, "
-            f"step {info.step + 1} (global step {info.global_step}); terms: {terms}"
+    def _skip_nonfinite(self, loss: Tensor, terms: dict[str, Tensor], global_step: int) -> bool:
+        """``run.nonfinite: skip``: should this step be skipped? One host read (and under DDP
+        one all-reduce, which also carries the stop decision) per step."""
+        names, values = step_values(loss, terms)
+        bad_here = ~torch.isfinite(values).all()
+        if self.world_size > 1:
+            stop = torch.full((), float(self._stop_signal is not None), device=self.device)
+            flags = D.all_reduce_max(torch.stack([bad_here.float(), stop])).tolist()
+            self._stop_everywhere = flags[1] > 0
+            bad = flags[0] > 0
+        else:
+            bad = bool(bad_here)
+        if not bad:
+            return False
+        found = NonFinite(global_step, dict(zip(names, values.tolist(), strict=True)))
+        where = self._describe_nonfinite(found, here=bool(bad_here))
+        if self.skipped_steps >= self.cfg.run.max_skipped_steps:
+            self._raise_nonfinite(where)
+        self.skipped_steps += 1
+        self.log.info(f"skipping step: {where}")
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def _check(self) -> None:
+        """A check point (every ``run.check_every`` steps, at the end of an epoch, before a
+        checkpoint): stop on a recorded non-finite step; under DDP also agree on stopping."""
+        if self.cfg.run.nonfinite == "skip":
+            return  # decided in every step
+        bad_here = self._watch.flag()
+        if self.world_size > 1:
+            stop = torch.full((), float(self._stop_signal is not None), device=self.device)
+            flags = D.all_reduce_max(torch.stack([bad_here.float(), stop])).tolist()
+            self._stop_everywhere = flags[1] > 0
+            bad = flags[0] > 0
+        else:
+            bad = bool(bad_here)
+        if bad:
+            found = self._watch.first()
+            self._raise_nonfinite(self._describe_nonfinite(found, here=found is not None))
+
+    def _describe_nonfinite(self, found: NonFinite | None, here: bool) -> str:
+        if found is None or not here:
+            return f"non-finite loss on another rank (found by rank {self.rank}'s check)"
+        loss = found.values.get("loss", float("nan"))
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in found.values.items() if k != "loss")
+        epoch, step = divmod(found.global_step, self.steps_per_epoch)
+        return (
+            f"non-finite loss {loss:.4g} at epoch {epoch + 1}, step {step + 1} "
+            f"(global step {found.global_step}); terms: {terms}"
         )
-        if self.cfg.run.nonfinite == "skip" and self.skipped_steps < self.cfg.run.max_skipped_steps:
-            self.skipped_steps += 1
-            self.log.info(f"skipping step: {where}")
-            self.optimizer.zero_grad(set_to_none=True)
-            return
+
+    def _raise_nonfinite(self, where: str) -> None:
         D.barrier()  # rank 0 may be writing last.pt
         last = self.run.last if self.run.last.exists() else None
         keep = f"; the last good checkpoint is {last}" if last else ""

@@ -94,7 +94,7 @@ import torch
 from torch import Tensor, nn
 
 from selfkd.banks import BANK_DTYPES, Gather, PredictionBank, bank_storage, check_bank_topk
-from selfkd.errors import ConfigError, TrainingError
+from selfkd.errors import ConfigError
 from selfkd.losses import aikd_loss, wgan_critic_loss
 from selfkd.losses.mixing import mixed_ce, split_loss
 from selfkd.methods.base import (
@@ -105,6 +105,7 @@ from selfkd.methods.base import (
     StepInfo,
     StepOutput,
     frozen_forward,
+    inference_logits,
 )
 from selfkd.methods.critic import CRITIC_NORMS, Critic
 from selfkd.models.taps import unwrap_model
@@ -361,7 +362,7 @@ class AIKD(Method):
         all_logits = model(batch.inputs)
         logits, mix, batch_targets = all_logits, batch.mix, batch.targets
         if mix is not None:  # data.mix: L_AI on the unmixed rows only (PS-KD §4.1's rule)
-            keep = ~mix.rows
+            keep = mix.unmixed_rows()  # positions, not a mask: no host read of the count
             logits = all_logits[keep]
             if logits.shape[0] == 0:
                 raise ConfigError(
@@ -401,7 +402,7 @@ class AIKD(Method):
                 extra["adv_skipped"] = torch.ones((), device=logits.device)
                 self._follow_critic_step()
             else:
-                extra.update(self._update_critic(logits, superior_logits, info))
+                extra.update(self._update_critic(logits, superior_logits))
                 extra["adv_skipped"] = torch.zeros((), device=logits.device)
 
         with _no_autocast(logits.device):
@@ -433,7 +434,7 @@ class AIKD(Method):
         if self.bank is not None:
             indices, logits = batch.indices, out.logits
             if batch.mix is not None:
-                keep = ~batch.mix.rows
+                keep = batch.mix.unmixed_rows()
                 indices, logits = indices[keep], logits[keep]
             self.bank.update(indices, logits, gather=self.gather)
 
@@ -450,14 +451,9 @@ class AIKD(Method):
         snapshot = self._frozen["snapshot"]
         if snapshot is None:  # epoch 0: no previous model, one-hot labels as the bank
             return _one_hot_log_probs(batch.targets, logits.shape[1])
-        if snapshot.training:
-            snapshot.eval()
-        with torch.no_grad():
-            return snapshot(batch.inputs)
+        return inference_logits(snapshot, batch.inputs)
 
-    def _update_critic(
-        self, logits: Tensor, superior_logits: Tensor, info: StepInfo
-    ) -> dict[str, Tensor]:
+    def _update_critic(self, logits: Tensor, superior_logits: Tensor) -> dict[str, Tensor]:
         """n_critic Adam steps of the WGAN-GP critic loss on detached float32 inputs."""
         critic, optimizer = self.critic, self.critic_optimizer
         assert critic is not None and optimizer is not None
@@ -468,13 +464,9 @@ class AIKD(Method):
         critic.train()
         with _no_autocast(logits.device), torch.enable_grad():
             for _ in range(self.params.n_critic):
+                # no host check here: a NaN/Inf critic loss shows in the returned terms, which the
+                # engine watches on the device (selfkd.engine.guard) like the loss itself
                 loss, terms = wgan_critic_loss(critic, real, fake, self.params.gp_weight)
-                if not torch.isfinite(loss).item():
-                    raise TrainingError(
-                        f"AI-KD critic loss is {loss.item()} at global step {info.global_step} "
-                        f"(epoch {info.epoch}, step {info.step}); check the logits for NaN/Inf "
-                        "or lower method.critic_lr"
-                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if self._reduce_grads is None or self._reduce_grads(critic):

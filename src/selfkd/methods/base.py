@@ -120,6 +120,10 @@ class Method(nn.Module):
     #: which ``data.mix`` batches (mixup/cutmix) it takes: "none" (refused at start-up),
     #: "full" (the whole batch mixed) or "split" (half the batch, the papers' rule for self-KD)
     mixing: ClassVar[str] = "none"
+    #: True when ``get_extra_state()`` holds per-process data (DLB's previous batch, DSR's
+    #: previous logits): under DDP a checkpoint keeps every rank's copy and a resume with the
+    #: same world size gives each rank its own back (:meth:`rank_state`)
+    rank_local_extra_state: ClassVar[bool] = False
 
     def __init__(self, params: Any = None) -> None:
         super().__init__()
@@ -157,6 +161,20 @@ class Method(nn.Module):
     def after_optimizer_step(self, model: nn.Module, batch: Batch, out: StepOutput) -> None:
         """Called after the optimizer step (e.g. to write a prediction bank)."""
 
+    # --- per-process state under DDP --------------------------------------------------------
+    def rank_state(self) -> Any:
+        """This process's own state, or None: the extra state when ``rank_local_extra_state``.
+
+        The ``state_dict`` a checkpoint stores is rank 0's; under DDP the engine also gathers
+        every rank's ``rank_state()`` and hands each rank its own to :meth:`load_rank_state`.
+        """
+        return self.get_extra_state() if self.rank_local_extra_state else None
+
+    def load_rank_state(self, state: Any) -> None:
+        """Restore what :meth:`rank_state` returned on this rank (after ``load_state_dict``)."""
+        if self.rank_local_extra_state and state is not None:
+            self.set_extra_state(state)
+
     def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
         """Called after the last step of every epoch, before evaluation."""
 
@@ -175,15 +193,22 @@ class Method(nn.Module):
         return {"name": self.name, **dataclasses.asdict(self.params)}
 
 
+def inference_logits(model: nn.Module, inputs: Tensor) -> Tensor:
+    """``model(inputs)`` in eval mode under ``torch.inference_mode`` (no autograd bookkeeping
+    at all), returned as an ordinary tensor (a clone: inference tensors cannot join a graph)."""
+    if model.training:
+        model.eval()
+    with torch.inference_mode():
+        logits = model(inputs)
+    return logits.clone()
+
+
 def frozen_forward(
     model: nn.Module, inputs: Tensor, student_logits: Tensor, role: str, method: str
 ) -> Tensor:
-    """Logits of a frozen model (AI-KD's superior, TF-KD's teacher): eval mode, no gradient,
-    checked to match the student's logits in shape (ModelError otherwise)."""
-    if model.training:
-        model.eval()
-    with torch.no_grad():
-        logits = model(inputs)
+    """Logits of a frozen model (AI-KD's superior, TF-KD's teacher): eval mode, inference
+    mode, checked to match the student's logits in shape (ModelError otherwise)."""
+    logits = inference_logits(model, inputs)
     if logits.shape != student_logits.shape:
         raise ModelError(
             f"method {method}: the {role} outputs {tuple(logits.shape)} but the student "

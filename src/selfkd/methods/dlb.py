@@ -73,6 +73,7 @@ class DLB(Method):
 
     name = "dlb"
     Params = DLBParams
+    rank_local_extra_state = True  # each DDP rank distils its own previous batch
 
     def __init__(self, params: DLBParams | None = None) -> None:
         super().__init__(params)

@@ -128,6 +128,7 @@ class _DRGDSRBase(Method):
 
     uses_drg: ClassVar[bool] = False
     uses_dsr: ClassVar[bool] = False
+    rank_local_extra_state = True  # DSR: each DDP rank pairs with its own previous batch
 
     ac: AuxiliaryClassifier | None
 

@@ -126,7 +126,7 @@ class PSKD(Method):
         alpha_t = self.alpha_at(info.epoch)
         mix = batch.mix
         # under data.mix only the unmixed rows take PS-KD targets (paper §4.1)
-        keep = None if mix is None else ~mix.rows
+        keep = None if mix is None else mix.unmixed_rows()  # positions: no host read
         logits = all_logits if keep is None else all_logits[keep]
         targets = batch.targets if keep is None else batch.targets[keep]
         indices = batch.indices if keep is None else batch.indices[keep]
@@ -136,7 +136,7 @@ class PSKD(Method):
             log_p = self.bank.lookup(indices).to(logits.device, non_blocking=True)
             prev = torch.softmax(log_p, dim=1)
         loss = pskd_loss(logits, targets, prev, alpha_t) if logits.shape[0] else None
-        terms = {"alpha_t": torch.tensor(alpha_t, device=logits.device)}
+        terms = {"alpha_t": torch.full((), alpha_t, device=logits.device)}  # no host copy
         if loss is not None:
             terms["pskd"] = loss.detach()
         if mix is not None:
@@ -152,6 +152,6 @@ class PSKD(Method):
         if self.bank is not None:
             indices, logits = batch.indices, out.logits
             if batch.mix is not None:
-                keep = ~batch.mix.rows
+                keep = batch.mix.unmixed_rows()
                 indices, logits = indices[keep], logits[keep]
             self.bank.update(indices, logits, gather=self.gather)
