@@ -68,6 +68,7 @@ def test_bench_methods_writes_its_section(bench_modules, tmp_path):
     assert out["results"]["aikd (bank)"]["state_mb"] > 0
     assert out["results"]["aikd (bank)"]["frozen_mb"] > 0
     assert out["results"]["ce"]["state_mb"] == 0
+    assert all(r["host_reads"] == 0 for r in out["results"].values())  # no step waits
     text = doc.read_text(encoding="utf-8")
     assert OTHER in text
     # the section is replaced, not appended a second time
@@ -90,3 +91,33 @@ def test_variants_cover_the_registry(bench_modules):
     assert "aikd (bank)" in labels and "aikd (snapshot)" in labels
     assert bench_methods.target_for({"name": "aikd", "prev_source": "snapshot"}) is None
     assert bench_methods.target_for({"name": "aikd", "prev_source": "bank"}) == 1.4
+
+
+def test_bank_fidelity_on_a_saved_float32_bank(monkeypatch, tmp_path):
+    from selfkd.engine.checkpoint import save_checkpoint
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_bank_fidelity
+
+    run = tmp_path / "run"
+    table = torch.log_softmax(3 * torch.randn(40, 6, generator=torch.Generator().manual_seed(0)), 1)
+    save_checkpoint(run / "checkpoints" / "last.pt", {"method": {"bank.table": table}})
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# Benchmarks\n\n{OTHER}\n", encoding="utf-8")
+    argv = ["bench_bank_fidelity.py", str(run), "--topk", "2", "6", "--write", str(doc)]
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+        bench_bank_fidelity.main()
+    finally:
+        sys.modules.pop("bench_bank_fidelity", None)
+        sys.modules.pop("common", None)
+    text = doc.read_text(encoding="utf-8")
+    assert OTHER in text and "<!-- bench:bank_fidelity -->" in text
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if "fp16" in line}
+    # top-6 of 6 classes keeps every entry: only fp16 rounding is left, as in the dense fp16 bank
+    assert rows["top-6 fp16"].split(" | ")[1:] == rows["dense fp16 (default)"].split(" | ")[1:]
+    assert "| 0.00 % |" in rows["top-2 fp16"]  # the largest entry is always kept
+    # the measured errors are real: the top-2 bank loses mass that fp16 rounding does not
+    top2 = float(rows["top-2 fp16"].split(" | ")[2])
+    fp16 = float(rows["dense fp16 (default)"].split(" | ")[2])
+    assert top2 > 100 * fp16 > 0
