@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from common import command_line, environment, update_section
+from common import finish
 from selfkd.banks import PredictionBank
 from selfkd.engine.checkpoint import load_checkpoint
 
@@ -82,14 +82,8 @@ def main() -> None:
             f"| {100 * r['argmax_changed']:.2f} % |"
             for name, r in results.items()
         ],
-        "",
-        "Environment: " + ", ".join(f"{k} {v}" for k, v in environment().items()) + ".",
-        f"Command: `{command_line()}`",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        update_section(args.write, "bank_fidelity", text)
+    finish(lines, "bank_fidelity", args.write)
 
 
 if __name__ == "__main__":

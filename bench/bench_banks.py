@@ -19,7 +19,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import command_line, environment, median, time_interleaved, update_section
+from common import finish, median, time_interleaved
 from selfkd.banks import PredictionBank, bank_nbytes
 
 IMAGENET = (1_281_167, 1000)
@@ -91,14 +91,8 @@ def main() -> None:
         "",
         "Top-k keeps the k largest log-probabilities and their class ids (int16) per row plus one "
         "fp32 log of the remaining mass per row; exact when k = K.",
-        "",
-        "Environment: " + ", ".join(f"{k} {v}" for k, v in environment().items()) + ".",
-        f"Command: `{command_line()}`",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        update_section(args.write, "banks", text)
+    finish(lines, "banks", args.write)
 
 
 if __name__ == "__main__":

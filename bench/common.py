@@ -102,3 +102,19 @@ def environment() -> dict[str, str]:
 def command_line() -> str:
     """The command that ran this script, for copying into a benchmark table."""
     return "PYTHONPATH=src python " + shlex.join(sys.argv)
+
+
+def finish(lines: list[str], section: str, write: str | None) -> str:
+    """Append the environment and command lines, print, and update ``section`` of ``write``."""
+    text = "\n".join(
+        [
+            *lines,
+            "",
+            "Environment: " + ", ".join(f"{k} {v}" for k, v in environment().items()) + ".",
+            f"Command: `{command_line()}`",
+        ]
+    )
+    print(text)
+    if write:
+        update_section(write, section, text)
+    return text

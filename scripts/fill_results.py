@@ -29,6 +29,16 @@ CRITIC = [
     "aikd (ablation=no_adv)",
 ]
 
+#: the compact-bank comparison (configs/paper/cpu/fmnist_bank_precision.yaml)
+BANKS = [
+    "pskd (bank_dtype=float32)",
+    "pskd",
+    "pskd (bank_topk=3)",
+    "aikd (bank_dtype=float32)",
+    "aikd",
+    "aikd (bank_topk=3)",
+]
+
 
 def main() -> None:
     runs = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/fmnist-study")
@@ -42,10 +52,12 @@ def main() -> None:
     def pick(labels):
         return [by_label[label] for label in labels if label in by_label]
 
-    methods = [g for g in groups if "ablation=" not in g.label and "critic_" not in g.label]
+    variants = ("ablation=", "critic_", "bank_")
+    methods = [g for g in groups if not any(v in g.label for v in variants)]
     tables = {
         "ablations": markdown_table(pick(ABLATIONS)),
         "critic": markdown_table(pick(CRITIC)),
+        "banks": markdown_table(pick(BANKS)),
         "methods": markdown_table(methods)
         + "\n\nCost (mean over seeds):\n\n"
         + cost_table(methods),

@@ -332,8 +332,10 @@ def reduce_grads(module: nn.Module, active: bool = True) -> bool:
     pieces.append(torch.tensor([weight], device=device))
     flat = torch.cat(pieces)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    total = float(flat[-1])
-    if total == 0:
+    total = flat[-1:]
+    # an active rank knows some rank was active: it divides on the device, no host read; only an
+    # inactive rank (no data this step, rare) reads whether anyone was
+    if not active and float(total) == 0:
         return False
     flat = flat[:-1] / total
     offset = 0

@@ -847,14 +847,7 @@ class Trainer:
         one all-reduce, which also carries the stop decision) per step."""
         names, values = step_values(loss, terms)
         bad_here = ~torch.isfinite(values).all()
-        if self.world_size > 1:
-            stop = torch.full((), float(self._stop_signal is not None), device=self.device)
-            flags = D.all_reduce_max(torch.stack([bad_here.float(), stop])).tolist()
-            self._stop_everywhere = flags[1] > 0
-            bad = flags[0] > 0
-        else:
-            bad = bool(bad_here)
-        if not bad:
+        if not self._agree(bad_here):
             return False
         found = NonFinite(global_step, dict(zip(names, values.tolist(), strict=True)))
         where = self._describe_nonfinite(found, here=bool(bad_here))
@@ -870,17 +863,19 @@ class Trainer:
         checkpoint): stop on a recorded non-finite step; under DDP also agree on stopping."""
         if self.cfg.run.nonfinite == "skip":
             return  # decided in every step
-        bad_here = self._watch.flag()
-        if self.world_size > 1:
-            stop = torch.full((), float(self._stop_signal is not None), device=self.device)
-            flags = D.all_reduce_max(torch.stack([bad_here.float(), stop])).tolist()
-            self._stop_everywhere = flags[1] > 0
-            bad = flags[0] > 0
-        else:
-            bad = bool(bad_here)
-        if bad:
+        if self._agree(self._watch.flag()):
             found = self._watch.first()
             self._raise_nonfinite(self._describe_nonfinite(found, here=found is not None))
+
+    def _agree(self, bad_here: Tensor) -> bool:
+        """Is any rank's flag set? One host read; under DDP one all-reduce that also decides,
+        for every rank alike, whether a stop signal arrived anywhere (``_stop_everywhere``)."""
+        if self.world_size == 1:
+            return bool(bad_here)
+        stop = torch.full((), float(self._stop_signal is not None), device=self.device)
+        flags = D.all_reduce_max(torch.stack([bad_here.float(), stop])).tolist()
+        self._stop_everywhere = flags[1] > 0
+        return flags[0] > 0
 
     def _describe_nonfinite(self, found: NonFinite | None, here: bool) -> str:
         if found is None or not here:
