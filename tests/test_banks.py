@@ -142,3 +142,28 @@ def test_to_moves_and_keeps_dtype() -> None:
     bank = PredictionBank(N, K, LABELS).to("cpu")
     assert bank.table.dtype == torch.float16
     assert bank.lookup(torch.tensor([0])).device.type == "cpu"
+
+
+def test_a_bank_that_does_not_fit_on_the_device_is_refused_with_smaller_options(
+    monkeypatch,
+) -> None:
+    import selfkd.banks as banks
+
+    # pretend the device has 100 MiB free (the check only runs where free memory is known)
+    monkeypatch.setattr(banks, "free_device_memory", lambda device: 100 * 2**20)
+    n, k = 1_281_167, 1000  # ImageNet-shaped: nothing is allocated when refused
+    labels = torch.zeros(n, dtype=torch.long)
+    with pytest.raises(ConfigError) as err:
+        PredictionBank(n, k, labels, torch.float32)
+    message = str(err.value)
+    assert "needs 4,887 MiB on cpu but 100 MiB are free" in message
+    assert "method.bank_dtype: float16 (2,444 MiB)" in message
+    assert "method.bank_topk: 10 (54 MiB)" in message
+    with pytest.raises(ConfigError, match=r"method\.bank_topk: 10"):
+        PredictionBank(n, k, labels, torch.float16)  # 2,444 MiB: still too large
+    small = PredictionBank(n, k, labels, torch.float16, "topk", 10)  # 54 MiB fits
+    assert small.nbytes == banks.bank_nbytes(n, k, torch.float16, "topk", 10)
+    # a bank built for a device is allocated there directly
+    monkeypatch.undo()
+    bank = PredictionBank(4, 3, torch.tensor([0, 1, 2, 0]), device="cpu")
+    assert bank.table.device.type == "cpu" and bank.labels.device.type == "cpu"

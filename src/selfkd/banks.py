@@ -41,6 +41,8 @@ __all__ = [
     "PredictionBank",
     "bank_nbytes",
     "bank_storage",
+    "check_bank_fits",
+    "free_device_memory",
     "resolve_bank_dtype",
 ]
 
@@ -93,6 +95,47 @@ def bank_nbytes(
     return num_samples * (k * (size + ids) + 4)
 
 
+def free_device_memory(device: torch.device) -> int | None:
+    """Free bytes on a CUDA device (``torch.cuda.mem_get_info``); None elsewhere (no check)."""
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
+def check_bank_fits(
+    num_samples: int,
+    num_classes: int,
+    dtype: torch.dtype | str,
+    storage: str,
+    topk: int | None,
+    device: torch.device,
+) -> None:
+    """ConfigError naming smaller storages when the bank would not fit in the device's free memory.
+
+    The bank lives on the training device so that a step never copies rows between host and
+    device; a bank that does not fit there is refused before anything is allocated.
+    """
+    free = free_device_memory(device)
+    need = bank_nbytes(num_samples, num_classes, dtype, storage, topk)
+    if free is None or need <= free:
+        return
+    mib = 2**20
+    options = []
+    if resolve_bank_dtype(dtype).itemsize > 2 and storage == "dense":
+        half = bank_nbytes(num_samples, num_classes, torch.float16)
+        options.append(f"method.bank_dtype: float16 ({half / mib:,.0f} MiB)")
+    for k in (10, 5, 1):
+        if k < num_classes and (storage == "dense" or k < (topk or 0)):
+            small = bank_nbytes(num_samples, num_classes, torch.float16, "topk", k)
+            options.append(f"method.bank_topk: {k} ({small / mib:,.0f} MiB)")
+            break
+    hint = f"; use {' or '.join(options)}" if options else "; use a device with more memory"
+    raise ConfigError(
+        f"the prediction bank ({num_samples:,} samples x {num_classes} classes, {storage}) "
+        f"needs {need / mib:,.0f} MiB on {device} but {free / mib:,.0f} MiB are free{hint}"
+    )
+
+
 def bank_storage(method: str, topk: int | None, num_classes: int) -> dict[str, object]:
     """``PredictionBank`` storage arguments for a method's ``bank_topk`` parameter."""
     if topk is None:
@@ -125,6 +168,7 @@ class PredictionBank(nn.Module):
         dtype: torch.dtype | str = torch.float16,
         storage: str = "dense",
         topk: int | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         dtype = resolve_bank_dtype(dtype)
@@ -158,17 +202,20 @@ class PredictionBank(nn.Module):
         self.num_classes = num_classes
         self.storage = storage
         self.topk = topk if storage == "topk" else None
+        # allocated where it is used (``device``; default CPU), checked to fit there first
+        at = torch.device(device) if device is not None else torch.device("cpu")
+        check_bank_fits(num_samples, num_classes, dtype, storage, self.topk, at)
         # labels are data, not state: rebuilt from the dataset, so not saved in the state_dict
-        self.register_buffer("labels", labels.clone(), persistent=False)
+        self.register_buffer("labels", labels.clone().to(at), persistent=False)
         if storage == "dense":
-            self.register_buffer("table", torch.empty(num_samples, num_classes, dtype=dtype))
+            table = torch.empty(num_samples, num_classes, dtype=dtype, device=at)
+            self.register_buffer("table", table)
         else:
             k = int(topk)  # type: ignore[arg-type]
-            self.register_buffer("top_values", torch.empty(num_samples, k, dtype=dtype))
-            self.register_buffer(
-                "top_ids", torch.empty(num_samples, k, dtype=_id_dtype(num_classes))
-            )
-            self.register_buffer("rest", torch.empty(num_samples, dtype=torch.float32))
+            ids = _id_dtype(num_classes)
+            self.register_buffer("top_values", torch.empty(num_samples, k, dtype=dtype, device=at))
+            self.register_buffer("top_ids", torch.empty(num_samples, k, dtype=ids, device=at))
+            self.register_buffer("rest", torch.empty(num_samples, dtype=torch.float32, device=at))
         self.reset()
 
     @property

@@ -345,7 +345,8 @@ class AIKD(Method):
                 ctx.train_labels,
                 dtype=p.bank_dtype,
                 **bank_storage("aikd", p.bank_topk, ctx.num_classes),
-            ).to(self._device)
+                device=self._device,  # on the training device: no host copy in a step
+            )
         self._is_setup = True
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None

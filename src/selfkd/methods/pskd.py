@@ -111,7 +111,8 @@ class PSKD(Method):
             ctx.train_labels,
             dtype=self.params.bank_dtype,
             **bank_storage("pskd", self.params.bank_topk, ctx.num_classes),
-        ).to(ctx.device)
+            device=ctx.device,  # on the training device: no host copy in a step
+        )
 
     def alpha_at(self, epoch: int) -> float:
         """α_t of a 0-based epoch: α_T·(epoch+1)/E."""
