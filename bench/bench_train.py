@@ -48,6 +48,15 @@ SETTINGS: dict[str, tuple[str, dict[str, Any], int, int, str]] = {
 }
 
 
+#: --flags: name -> run options of the engine's speed flags
+FLAGS: dict[str, dict[str, Any]] = {
+    "eager": {},
+    "compile": {"compile": True},
+    "channels_last": {"channels_last": True},
+    "bf16": {"amp": "bf16"},
+}
+
+
 def load_average() -> str:
     if not hasattr(os, "getloadavg"):
         return "n/a"
@@ -73,8 +82,10 @@ def bench_config(
     device: str,
     threads: int | None,
     method: dict[str, Any] | None = None,
+    run_options: dict[str, Any] | None = None,
 ) -> Any:
-    """A synthetic-data config for benchmarking (constant lr, full batches only)."""
+    """A synthetic-data config for benchmarking (constant lr, full batches only); ``run_options``
+    adds ``run`` keys (``compile``, ``channels_last``, ``amp``)."""
     return config_from_dict(
         {
             "run": {
@@ -84,6 +95,7 @@ def bench_config(
                 "device": device,
                 "progress": "off",
                 "threads": threads,
+                **(run_options or {}),
             },
             "data": {
                 "name": "synthetic",
@@ -185,6 +197,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         default=list(SETTINGS),
         help="which settings to time (default: all)",
     )
+    parser.add_argument(
+        "--flags",
+        nargs="+",
+        choices=list(FLAGS),
+        default=["eager"],
+        help="engine speed flags to compare, each setting once per flag (default: eager only; "
+        "more than one writes section 'train_flags')",
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed rounds (median is shown)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per setting")
     parser.add_argument(
@@ -221,11 +241,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="selfkd-bench-train-") as tmp:
         steppers: dict[str, Stepper] = {}
         estimates: dict[str, float] = {}
-        for key in args.settings:
+        for key, flag in [(k, f) for k in args.settings for f in args.flags]:
             model, options, channels, size, _ = SETTINGS[key]
             size = args.image_size or size
+            if len(args.flags) > 1:
+                key = f"{key} ({flag})"
             cfg = bench_config(
-                name=key,
+                name=key.replace(" ", "_").replace("(", "").replace(")", ""),
                 out_dir=tmp,
                 model=model,
                 model_options=options,
@@ -237,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 train_per_class=max(1, -(-2 * args.batch_size // args.num_classes)),
                 device=args.device,
                 threads=threads,
+                run_options=FLAGS[flag],
             )
             trainer = Trainer(cfg, quiet=True)
             stepper = Stepper(trainer, epoch=0)
@@ -248,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 estimate = stepper.run(1)
             steppers[key], estimates[key] = stepper, estimate
             results[key] = {
+                "label": f"`{model}`{' width 16' if model == 'resnet8' else ''}"
+                + (f" {flag}" if len(args.flags) > 1 else ""),
                 "model": model,
                 "shape": f"{channels}×{size}×{size}",
                 "batch": stepper.images,
@@ -291,9 +316,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"rounds | steps × rounds | {memory_label} |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for key, r in results.items():
+    for r in results.values():
         rows.append(
-            f"| `{r['model']}`{' width 16' if key == 'resnet8' else ''} | {r['shape']} "
+            f"| {r['label']} | {r['shape']} "
             f"| {r['parameters']:,} | {r['ms_median']:,.1f} | {r['ips_median']:,.0f} "
             f"| {r['ips_low']:,.0f}–{r['ips_high']:,.0f} | {r['k']} × {args.steps} "
             f"| {r['peak_mb']:,.0f} |"
@@ -317,11 +342,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"alternately so they see the same load). Command: "
         f"`{format_command('bench_train.py', argv)}`",
     ]
+    if len(args.flags) > 1:
+        rows[0] = "### Engine speed flags on this device (`Trainer.train_step`, method `ce`)"
+        rows.insert(
+            -1,
+            "Flags: `compile` = `run.compile` (torch.compile, inductor), `channels_last` = "
+            "`run.channels_last`, `bf16` = `run.amp: bf16` (autocast). The warm-up steps include "
+            "compilation.\n",
+        )
+    section = "train" if len(args.flags) == 1 else "train_flags"
     table = "\n".join(rows)
     print(table)
     if args.write:
-        update_section(args.write, "train", table)
-        print(f"\nupdated section 'train' of {args.write}")
+        update_section(args.write, section, table)
+        print(f"\nupdated section '{section}' of {args.write}")
     return {"results": results, "markdown": table, "load": (load_before, load_after)}
 
 

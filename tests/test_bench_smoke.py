@@ -51,6 +51,24 @@ def test_bench_train_writes_its_section(bench_modules, tmp_path):
     assert all(r["ips_median"] > 0 for r in out["results"].values())
 
 
+def test_bench_train_compares_speed_flags_in_its_own_section(bench_modules, tmp_path):
+    bench_train, _ = bench_modules
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# Benchmarks\n\n{OTHER}\n", encoding="utf-8")
+    out = bench_train.main(
+        [
+            "--settings", "resnet8", "--flags", "eager", "channels_last", "bf16",
+            "--steps", "1", "--warmup", "1", "--round-seconds", "0", "--image-size", "8",
+            "--batch-size", "4", "--threads", "1", "--device", "cpu", "--write", str(doc),
+        ]
+    )  # fmt: skip
+    text = doc.read_text(encoding="utf-8")
+    assert "<!-- bench:train_flags -->" in text and "<!-- bench:train -->" not in text
+    for flag in ("eager", "channels_last", "bf16"):
+        assert f"| `resnet8` width 16 {flag} | 1×8×8 |" in text
+    assert set(out["results"]) == {f"resnet8 ({f})" for f in ("eager", "channels_last", "bf16")}
+
+
 def test_bench_methods_writes_its_section(bench_modules, tmp_path):
     _, bench_methods = bench_modules
     doc = tmp_path / "benchmarks.md"

@@ -387,6 +387,10 @@ class Trainer:
         self.forward_model: nn.Module = self.ddp_model or self.model
         self.eval_model: nn.Module = self.model
         if cfg.run.compile:
+            # methods read features through forward hooks (selfkd.models.taps); by default
+            # dynamo does not guard on hooks, so code compiled earlier in this process for the
+            # same model class (a sweep's previous run, phase 1) would run without them
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
             self.forward_model = torch.compile(self.forward_model)
             self.eval_model = (
                 self.forward_model if self.ddp_model is None else torch.compile(self.model)
