@@ -474,3 +474,59 @@ def test_padded_row_gather_equals_the_exact_one_without_host_reads(tmp_path: Pat
     # untouched rows keep their one-hot log-probabilities (label 0 here)
     assert torch.equal(table[1], torch.tensor([0.0, -math.inf, -math.inf, -math.inf]))
     assert int(r0["reads_4"]) == 0 and int(r0["reads_None"]) > 0  # the cap avoids the count read
+
+
+NAN_WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    import torch.nn.functional as F
+    from selfkd.config import config_from_dict
+    from selfkd.engine.runner import train
+    from selfkd.errors import TrainingError
+    from selfkd.methods import METHODS, Method, StepOutput
+
+    rank = int(os.environ["RANK"])
+
+    @METHODS.register("_nan_on_rank1")
+    class NanOnRank1(Method):
+        name = "_nan_on_rank1"
+
+        def training_step(self, model, batch, info):
+            logits = model(batch.inputs)
+            loss = F.cross_entropy(logits, batch.targets)
+            # a term (as a diverged AI-KD critic) goes NaN on rank 1 only, at global step 4
+            term = torch.full((), float("nan") if rank == 1 and info.global_step == 4 else 0.0)
+            return StepOutput(loss, logits, batch.targets, {"critic_loss": term})
+
+    torch.set_num_threads(1)
+    config = json.loads(open(sys.argv[1]).read())
+    try:
+        train(config_from_dict(config), quiet=True)
+        result = {"status": "finished"}
+    except TrainingError as exc:
+        result = {"status": "stopped", "message": str(exc)}
+    with open(os.path.join(os.path.dirname(sys.argv[1]), f"nan_rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_nonfinite_term_on_one_rank_stops_every_rank_at_the_same_check(tmp_path: Path) -> None:
+    cfg = config(tmp_path, "nan", {"name": "_nan_on_rank1"})  # 3 steps/epoch, check_every 2
+    (tmp_path / "nan.json").write_text(json.dumps(cfg))
+    script = tmp_path / "nan_worker.py"
+    script.write_text(NAN_WORKER)
+    launch(tmp_path, script, tmp_path / "nan.json")
+    r0 = json.loads((tmp_path / "nan_rank0.json").read_text())
+    r1 = json.loads((tmp_path / "nan_rank1.json").read_text())
+    assert r0["status"] == r1["status"] == "stopped"  # no rank hangs in a collective
+    # rank 1 names its first bad step and the term; rank 0 learns it from the shared check
+    assert "epoch 2, step 2 (global step 4); terms: critic_loss=nan" in r1["message"]
+    assert "non-finite loss on another rank" in r0["message"]
+    run = tmp_path / "runs" / "nan"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]  # nothing written after the bad step
+    final_json = json.loads((run / "final.json").read_text())
+    assert final_json["status"] == "failed"
