@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -306,6 +307,17 @@ class PredictionBank(nn.Module):
         self.top_values.index_copy_(0, index, values.to(self.top_values.dtype))
         self.top_ids.index_copy_(0, index, ids.to(self.top_ids.dtype))
         self.rest.index_copy_(0, index, rest)
+
+    def update_unmixed(
+        self, indices: Tensor, logits: Tensor, mix: Any | None, gather: Gather | None = None
+    ) -> None:
+        """:meth:`update` with a training step's predictions, leaving out rows ``data.mix``
+        mixed (``mix``: the step's :class:`~selfkd.data.mixing.MixInfo` or None): a mixed row is
+        not a prediction of its own sample. Rows are selected by position, with no host read."""
+        if mix is not None:
+            keep = mix.unmixed_rows()
+            indices, logits = indices[keep], logits[keep]
+        self.update(indices, logits, gather=gather)
 
     def extra_repr(self) -> str:
         storage = "" if self.storage == "dense" else f", storage=topk, topk={self.topk}"

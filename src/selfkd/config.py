@@ -304,16 +304,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     data = copy.deepcopy(data)
     for text in overrides:
         parts, value = parse_override(text)
-        node = data
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {text}: {part} is not a section")
-            node = child
-        node[parts[-1]] = value
+        set_dotted(data, parts, value, f"--set {text}")
     return data
+
+
+def set_dotted(data: dict[str, Any], parts: list[str], value: Any, where: str) -> None:
+    """``data[parts[0]]...[parts[-1]] = value``, creating missing sections; a ConfigError
+    starting with ``where`` when a part on the way holds a value instead of a section."""
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: {part} is not a section (it is {child!r})")
+        node = child
+    node[parts[-1]] = value
 
 
 def load_yaml_file(path: str | Path, what: str = "config") -> Any:

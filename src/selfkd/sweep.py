@@ -58,6 +58,7 @@ from selfkd.config import (
     merge,
     parse_override,
     read_yaml,
+    set_dotted,
 )
 from selfkd.engine.rundir import RunDir
 from selfkd.errors import ConfigError, RunInterrupted, SelfKDError
@@ -176,15 +177,7 @@ def set_key(data: dict[str, Any], key: str, value: Any, where: str) -> None:
                 data["method"] = merge(current, new)
             return
         data["method"] = current
-    node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"{where}: {key}: {part} is not a section (it is {child!r})")
-        node = child
-    node[parts[-1]] = copy.deepcopy(value)
+    set_dotted(data, parts, copy.deepcopy(value), f"{where}: {key}")
 
 
 def _field_value(value: Any) -> Any:

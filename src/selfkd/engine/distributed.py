@@ -185,22 +185,23 @@ def _comm_device(tensor: Tensor | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Sum of ``tensor`` over ranks (a new tensor on ``tensor``'s device)."""
+def _all_reduce(tensor: Tensor, op: Any) -> Tensor:
+    """``tensor`` reduced with ``op`` over ranks (a new tensor on ``tensor``'s device)."""
     if not is_distributed():
         return tensor.clone()
     buf = tensor.detach().to(_comm_device(), copy=True)
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    dist.all_reduce(buf, op=op)
     return buf.to(tensor.device)
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum of ``tensor`` over ranks (a new tensor on ``tensor``'s device)."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(tensor: Tensor) -> Tensor:
     """Element-wise maximum of ``tensor`` over ranks (a new tensor on ``tensor``'s device)."""
-    if not is_distributed():
-        return tensor.clone()
-    buf = tensor.detach().to(_comm_device(), copy=True)
-    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
-    return buf.to(tensor.device)
+    return _all_reduce(tensor, dist.ReduceOp.MAX)
 
 
 def all_gather_object(obj: Any) -> list[Any]:

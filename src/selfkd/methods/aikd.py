@@ -433,11 +433,7 @@ class AIKD(Method):
         # the step's (pre-update) training predictions become next epoch's p_{t-1};
         # mixed rows are not predictions of their sample and are not written
         if self.bank is not None:
-            indices, logits = batch.indices, out.logits
-            if batch.mix is not None:
-                keep = batch.mix.unmixed_rows()
-                indices, logits = indices[keep], logits[keep]
-            self.bank.update(indices, logits, gather=self.gather)
+            self.bank.update_unmixed(batch.indices, out.logits, batch.mix, gather=self.gather)
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
         if self.weights["alpha_p"] > 0 and self.params.prev_source == "snapshot":

@@ -151,8 +151,4 @@ class PSKD(Method):
         # this step's (pre-update) training predictions become next epoch's p_{t-1};
         # mixed rows are not predictions of their sample and are not written
         if self.bank is not None:
-            indices, logits = batch.indices, out.logits
-            if batch.mix is not None:
-                keep = batch.mix.unmixed_rows()
-                indices, logits = indices[keep], logits[keep]
-            self.bank.update(indices, logits, gather=self.gather)
+            self.bank.update_unmixed(batch.indices, out.logits, batch.mix, gather=self.gather)
