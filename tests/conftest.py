@@ -8,24 +8,7 @@ from typing import Any
 
 import pytest
 
-TINY: dict[str, Any] = {
-    "run": {"name": "tiny", "seed": 0, "device": "cpu", "deterministic": True, "progress": "off"},
-    "data": {
-        "name": "synthetic",
-        "batch_size": 16,
-        "eval_batch_size": 64,
-        "options": {
-            "num_classes": 4,
-            "image_size": 12,
-            "channels": 1,
-            "train_per_class": 12,
-            "test_per_class": 6,
-        },
-    },
-    "model": {"name": "resnet8", "options": {"width": 4}},
-    "train": {"epochs": 3, "lr": 0.05, "milestones": [0.5, 0.75]},
-    "method": {"name": "ce"},
-}
+from helpers import TINY
 
 
 @pytest.fixture

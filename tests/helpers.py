@@ -5,6 +5,7 @@ puts ``tests/`` on ``sys.path`` (the test files are not a package).
 
 Two groups:
 
+* the tiny synthetic config ``TINY`` (behind the ``tiny_dict`` fixture of ``conftest.py``);
 * run directories: :func:`read_rows`, :func:`metric_rows`, :func:`read_final` and
   :func:`assert_resume_is_exact` (train, crash, resume, compare) for end-to-end tests on the
   ``tiny_dict`` fixture of ``conftest.py``;
@@ -30,7 +31,27 @@ from selfkd.config import config_from_dict
 from selfkd.engine import Trainer, train
 from selfkd.engine.checkpoint import load_checkpoint
 from selfkd.engine.runner import resolve_teacher
-from selfkd.methods.base import Batch, MethodContext, build_method
+from selfkd.methods.base import METHODS, Batch, Method, MethodContext, StepOutput, build_method
+
+#: a tiny synthetic run that trains in a second or two on the CPU (3 steps per epoch)
+TINY: dict[str, Any] = {
+    "run": {"name": "tiny", "seed": 0, "device": "cpu", "deterministic": True, "progress": "off"},
+    "data": {
+        "name": "synthetic",
+        "batch_size": 16,
+        "eval_batch_size": 64,
+        "options": {
+            "num_classes": 4,
+            "image_size": 12,
+            "channels": 1,
+            "train_per_class": 12,
+            "test_per_class": 6,
+        },
+    },
+    "model": {"name": "resnet8", "options": {"width": 4}},
+    "train": {"epochs": 3, "lr": 0.05, "milestones": [0.5, 0.75]},
+    "method": {"name": "ce"},
+}
 
 
 # --- run directories ----------------------------------------------------------------------------
@@ -162,3 +183,19 @@ def np_log_softmax(z: np.ndarray) -> np.ndarray:
     """Numerically stable log-softmax over axis 1, as an independent numpy reference."""
     m = z.max(axis=1, keepdims=True)
     return z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))
+
+
+def register_nan_method(name: str, from_step: int) -> type[Method]:
+    """Register a test-only method: cross-entropy (logged as ``ce``) that turns NaN from global
+    step ``from_step`` on."""
+
+    class NanFrom(Method):
+        def training_step(self, model, batch, info):
+            logits = model(batch.inputs)
+            loss = torch.nn.functional.cross_entropy(logits, batch.targets)
+            if info.global_step >= from_step:
+                loss = loss * float("nan")
+            return StepOutput(loss=loss, logits=logits, targets=batch.targets, terms={"ce": loss})
+
+    NanFrom.name = name
+    return METHODS.register(name)(NanFrom)

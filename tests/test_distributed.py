@@ -29,37 +29,17 @@ from typing import Any
 import pytest
 import torch
 
+from helpers import TINY
+
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
-BASE: dict[str, Any] = {
-    # check_every 2: a signal is acted on at the next even global step (3 steps per epoch)
-    "run": {
-        "name": "r",
-        "seed": 0,
-        "device": "cpu",
-        "deterministic": True,
-        "progress": "off",
-        "check_every": 2,
-    },
-    "data": {
-        "name": "synthetic",
-        "batch_size": 16,
-        "eval_batch_size": 64,
-        # no random augmentation: ranks draw different augmentations than a single process
-        "augment": {"crop_padding": 0, "hflip": False},
-        "options": {
-            "num_classes": 4,
-            "image_size": 12,
-            "channels": 1,
-            "train_per_class": 12,
-            "test_per_class": 6,
-        },
-    },
-    "model": {"name": "resnet8", "options": {"width": 4}},
-    "train": {"epochs": 3, "lr": 0.05, "milestones": [0.5, 0.75]},
-    "method": {"name": "ce"},
-}
+#: the tiny run of helpers.TINY (3 steps per epoch) without random augmentation (ranks draw
+#: other augmentations than a single process), checked every 2 steps: a signal is acted on at
+#: the next even global step
+BASE: dict[str, Any] = copy.deepcopy(TINY)
+BASE["run"].update(name="r", check_every=2)
+BASE["data"]["augment"] = {"crop_padding": 0, "hflip": False}
 
 #: a model without BatchNorm (built in the workers and in the test process alike)
 NOBN = textwrap.dedent(

@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_resume_is_exact, metric_rows, read_rows
+from helpers import assert_resume_is_exact, metric_rows, read_rows, register_nan_method
 from selfkd.config import TrainConfig, config_from_dict
 from selfkd.engine import train
 from selfkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from selfkd.engine.optim import lr_at
 from selfkd.errors import CheckpointError, RunDirError, TrainingError
-from selfkd.methods import METHODS, Method, StepOutput
 
 
 def test_run_directory_contents(tiny_dict):
@@ -149,18 +148,7 @@ def test_truncated_and_foreign_checkpoints(tmp_path):
         load_checkpoint(tmp_path / "foreign.pt")
 
 
-@METHODS.register("_nan_after_two_steps")
-class _NanMethod(Method):
-    """Test-only method whose loss becomes NaN at the third step."""
-
-    name = "_nan_after_two_steps"
-
-    def training_step(self, model, batch, info):
-        logits = model(batch.inputs)
-        loss = torch.nn.functional.cross_entropy(logits, batch.targets)
-        if info.global_step >= 2:
-            loss = loss * float("nan")
-        return StepOutput(loss=loss, logits=logits, targets=batch.targets, terms={"ce": loss})
+register_nan_method("_nan_after_two_steps", from_step=2)  # NaN from the third step
 
 
 def test_nonfinite_loss_stops_with_step_and_terms(tiny_dict):

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+from helpers import TINY, register_nan_method
 from selfkd.config import config_from_dict
 from selfkd.engine import Trainer
 from selfkd.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -84,24 +85,6 @@ def test_watch_records_the_first_bad_step_and_its_terms() -> None:
 
 # --- every method's step -----------------------------------------------------------------
 
-BASE: dict[str, Any] = {
-    "run": {"name": "hs", "seed": 0, "device": "cpu", "deterministic": True, "progress": "off"},
-    "data": {
-        "name": "synthetic",
-        "batch_size": 8,
-        "eval_batch_size": 64,
-        "options": {
-            "num_classes": 4,
-            "image_size": 12,
-            "channels": 1,
-            "train_per_class": 6,
-            "test_per_class": 2,
-        },
-    },
-    "model": {"name": "resnet8", "options": {"width": 4}},
-    "train": {"epochs": 2, "lr": 0.05},
-    "method": {"name": "ce"},
-}
 
 CUTMIX = {"name": "cutmix", "alpha": 1.0}
 VARIANTS: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = [
@@ -114,7 +97,7 @@ VARIANTS: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = [
 
 
 def _trainer(tmp_path: Path, name: str, spec: dict[str, Any], mix: Any, **run: Any) -> Trainer:
-    cfg = copy.deepcopy(BASE)
+    cfg = copy.deepcopy(TINY)
     cfg["run"].update(name=name, out_dir=str(tmp_path / "runs"), **run)
     cfg["method"] = spec
     if mix is not None:
@@ -179,18 +162,7 @@ def test_skip_mode_reads_once_per_step(tmp_path: Path) -> None:
 # --- deferred stop -----------------------------------------------------------------------
 
 
-@METHODS.register("_nan_from_step_four")
-class _NanFromStepFour(Method):
-    """Test-only: the loss is NaN from global step 4 on (epoch 2, step 2 at 3 steps per epoch)."""
-
-    name = "_nan_from_step_four"
-
-    def training_step(self, model, batch, info):
-        logits = model(batch.inputs)
-        loss = torch.nn.functional.cross_entropy(logits, batch.targets)
-        if info.global_step >= 4:
-            loss = loss * float("nan")
-        return StepOutput(loss=loss, logits=logits, targets=batch.targets, terms={"ce": loss})
+register_nan_method("_nan_from_step_four", from_step=4)  # epoch 2, step 2 at 3 steps/epoch
 
 
 @METHODS.register("_nan_term")
