@@ -244,10 +244,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for key, flag in [(k, f) for k in args.settings for f in args.flags]:
             model, options, channels, size, _ = SETTINGS[key]
             size = args.image_size or size
+            name = f"{key}-{flag}"
             if len(args.flags) > 1:
                 key = f"{key} ({flag})"
             cfg = bench_config(
-                name=key.replace(" ", "_").replace("(", "").replace(")", ""),
+                name=name,
                 out_dir=tmp,
                 model=model,
                 model_options=options,
