@@ -72,3 +72,32 @@ def test_method_params_are_validated():
         build_method({"name": "cee"})
     with pytest.raises(ConfigError, match=r"unknown key method.alpha"):
         build_method({"name": "ce", "alpha": 1})
+
+
+def test_base_cycle_is_a_one_line_error_naming_the_cycle(tmp_path, capsys):
+    from selfkd.cli import main
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.yaml").write_text("base: sub/b.yaml\ntrain: {epochs: 1}\n")
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\n")
+    (tmp_path / "self.yaml").write_text("base: self.yaml\n")
+    a, b, me = tmp_path / "a.yaml", tmp_path / "sub" / "b.yaml", tmp_path / "self.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(a)
+    assert str(info.value) == (
+        f"config {a}: its base: files form a cycle ({a} -> {b} -> {a}); "
+        "remove or change one of these base: lines"
+    )
+    with pytest.raises(ConfigError, match=rf"cycle \({me} -> {me}\)"):
+        load_config(me)
+    assert main(["train", "-c", str(b)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: config {b}: its base: files form a cycle ({b} -> {a} -> {b}); "
+        "remove or change one of these base: lines\n"
+    )
+    # a sweep whose base is the sweep file itself
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("base: sweep.yaml\ngrid: {run.seed: [0, 1]}\n")
+    assert main(["sweep", str(sweep), "--dry-run"]) == 2
+    assert f"cycle ({sweep} -> {sweep})" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -246,12 +247,44 @@ def validate_values(cfg: Config) -> None:
         raise ConfigError("train.milestones must be increasing, e.g. [150, 225]")
     if "/" in cfg.run.name or cfg.run.name in (".", ".."):
         raise ConfigError(f"run.name {cfg.run.name!r} must be a plain name, not a path")
+    _validate_run(cfg.run)
     from selfkd.data.mixing import Mixer
 
     Mixer.from_config(cfg.data.mix)  # unknown keys/values of data.mix fail here
     method = cfg.method
     if not isinstance(method, dict) or not isinstance(method.get("name"), str):
         raise ConfigError("method must be a mapping with a 'name', e.g. method: {name: ce}")
+
+
+#: the largest run.seed: NumPy, Python and torch all take it (torch.manual_seed stops at 2**64)
+MAX_SEED = 2**63 - 1
+#: file systems limit one name (a path component) to 255 bytes
+MAX_NAME_BYTES = 255
+
+
+def _validate_run(run: RunConfig) -> None:
+    """Checks of ``run.*`` values that would otherwise fail only once training has started."""
+    if not 0 <= run.seed <= MAX_SEED:
+        raise ConfigError(f"run.seed must be an integer in [0, 2**63 - 1], got {run.seed!r}")
+    size = len(run.name.encode("utf-8", "surrogateescape"))
+    if size > MAX_NAME_BYTES:
+        raise ConfigError(
+            f"run.name is {size} bytes long but a file name can have at most "
+            f"{MAX_NAME_BYTES}; choose a shorter run.name"
+        )
+    if "\0" in run.name or "\0" in run.out_dir:
+        raise ConfigError("run.name and run.out_dir must not contain a NUL character")
+    from selfkd.metrics import LOWER_IS_BETTER
+
+    # per-epoch evaluation has no temperature scaling: the *_ts metrics exist in final.json only
+    metrics = [k for k in LOWER_IS_BETTER if not k.endswith("_ts")]
+    if run.best_metric not in metrics:
+        raise ConfigError(
+            f"run.best_metric {run.best_metric!r} is not a per-epoch metric"
+            f"{close_matches(run.best_metric, metrics)}; choose one of {', '.join(metrics)}"
+        )
+    if run.max_skipped_steps < 0:
+        raise ConfigError("run.max_skipped_steps must be >= 0")
 
 
 def config_from_dict(data: Any) -> Config:
@@ -337,9 +370,21 @@ def load_yaml_file(path: str | Path, what: str = "config") -> Any:
         raise ConfigError(f"cannot read {what} {path}: {exc}") from None
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; ``base: other.yaml`` (relative to this file) is merged underneath."""
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML mapping; ``base: other.yaml`` (relative to this file) is merged underneath.
+
+    A chain of ``base:`` files that comes back to a file already on it (a -> b -> a, or a file
+    basing on itself) is a ConfigError naming the cycle."""
     path = Path(path)
+    here = path.resolve()
+    resolved = [p.resolve() for p in _chain]
+    if here in resolved:
+        shown = [os.path.normpath(p) for p in [*_chain[resolved.index(here) :], path]]
+        raise ConfigError(
+            f"config {_chain[0]}: its base: files form a cycle ({' -> '.join(shown)}); "
+            "remove or change one of these base: lines"
+        )
+    _chain = (*_chain, path)
     data = load_yaml_file(path, "config")
     if data is None:
         data = {}
@@ -349,7 +394,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if base is not None:
         if not isinstance(base, str):
             raise ConfigError(f"{path}: base must be a file name, got {base!r}")
-        data = merge(read_yaml(path.parent / base), data)
+        data = merge(read_yaml(path.parent / base, _chain), data)
     return data
 
 
@@ -371,6 +416,11 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or defaults when ``path`` is None) and apply ``--set`` overrides."""
     data = read_yaml(path) if path is not None else {}
+    if path is not None and not data:
+        raise ConfigError(
+            f"config {path} is empty; give at least a method and a dataset "
+            "(start from one of configs/methods/*.yaml)"
+        )
     data = apply_overrides(data, overrides or [])
     return config_from_dict(data)
 
