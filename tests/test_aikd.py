@@ -35,6 +35,13 @@ from selfkd.methods.base import (
 )
 
 
+#: per-epoch diagnostics (method.diagnostics, on by default): output statistics of the student
+#: and the superior, and L_A's pull on the student's logits
+STATS = {f"{who}_{stat}" for who in ("student", "superior")
+         for stat in ("logit_norm", "logit_cnorm", "max_prob")}  # fmt: skip
+ADV_STATS = {"adv_grad_ratio", "adv_ce_cos", "adv_radial", "adv_offset_share"}
+
+
 def np_kl(teacher: np.ndarray, student: np.ndarray, tau: float) -> float:
     log_p = np_log_softmax(teacher / tau)
     log_q = np_log_softmax(student / tau)
@@ -145,7 +152,7 @@ def test_step_terms_match_hand_values() -> None:
     assert set(t) == {
         "ce", "guide", "progressive", "adversarial",
         "critic_loss", "critic_wdist", "critic_gp", "adv_skipped", "loss",
-    }  # fmt: skip
+    } | STATS | ADV_STATS  # fmt: skip
     np.testing.assert_allclose(out.logits.detach().numpy(), s, rtol=1e-5, atol=1e-6)
     assert t["ce"] == pytest.approx(np_ce(s, y), rel=1e-5)
     assert t["guide"] == pytest.approx(np_kl(sup, s, 3.0), rel=1e-5)
@@ -228,7 +235,9 @@ def test_ablation_removes_exactly_its_terms(ablation, weights, present) -> None:
     s = np_logits(student, IDX)
     y = LABELS[IDX]
     out = method.training_step(student, batch(IDX), info())
-    assert set(out.terms) == present | {"loss"}
+    stats = STATS if superior is not None else {"student_logit_norm", "student_logit_cnorm",
+                                                 "student_max_prob"}  # fmt: skip
+    assert set(out.terms) == present | {"loss"} | stats
     hand = {"ce": np_ce(s, y), "progressive": 4.0 * np_ce(s, y, tau=2.0)}
     if superior is not None:
         hand["guide"] = np_kl(np_logits(superior, IDX), s, 3.0)

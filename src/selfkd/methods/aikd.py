@@ -96,6 +96,7 @@ from torch import Tensor, nn
 from selfkd.banks import BANK_DTYPES, Gather, PredictionBank, bank_storage, check_bank_topk
 from selfkd.errors import ConfigError
 from selfkd.losses import aikd_loss, wgan_critic_loss
+from selfkd.losses.core import frozen
 from selfkd.losses.mixing import mixed_ce, split_loss
 from selfkd.methods.base import (
     METHODS,
@@ -107,13 +108,14 @@ from selfkd.methods.base import (
     frozen_forward,
     inference_logits,
 )
-from selfkd.methods.critic import CRITIC_NORMS, Critic
+from selfkd.methods.critic import CRITIC_HEADS, CRITIC_NORMS, Critic
 from selfkd.models.taps import unwrap_model
 
 __all__ = ["ABLATIONS", "AIKD", "AIKDParams"]
 
 ABLATIONS = ("none", "no_adv", "only_guide", "only_progressive")
-CRITIC_INPUTS = ("logits", "probs")
+CRITIC_INPUTS = ("logits", "probs", "log_probs")
+CRITIC_BN_MODES = ("running", "batch")
 PREV_SOURCES = ("bank", "snapshot")
 
 
@@ -133,7 +135,19 @@ class AIKDParams:
     critic_hidden: list[int] = field(default_factory=lambda: [64, 32])
     critic_norm: str = "batchnorm"
     critic_input: str = "logits"
+    #: how a BatchNorm critic normalizes the student batch it scores for L_A
+    critic_bn_mode: str = "running"
+    #: ``linear``: a final Linear(→1); ``mean``: the paper's last FC layer averaged to a scalar
+    critic_head: str = "linear"
     n_critic: int = 1
+    #: ω ramps linearly from 0 to ``omega`` over this fraction of the training steps
+    omega_warmup: float = 0.0
+    #: epochs without L_A before the ramp starts (the critic trains all along)
+    omega_start_epoch: int = 0
+    #: seed of the phase-1 run (``superior: auto``); None = the student's own ``run.seed``
+    superior_seed: int | None = None
+    #: log the per-epoch diagnostics (logit norms, max-probabilities, L_A's gradient)
+    diagnostics: bool = True
     prev_source: str = "bank"
     bank_dtype: str = "float16"
     #: keep only the top-k log-probabilities per bank row (large class counts); None = dense
@@ -146,6 +160,8 @@ class AIKDParams:
         choices = {
             "critic_norm": CRITIC_NORMS,
             "critic_input": CRITIC_INPUTS,
+            "critic_bn_mode": CRITIC_BN_MODES,
+            "critic_head": CRITIC_HEADS,
             "prev_source": PREV_SOURCES,
             "bank_dtype": tuple(BANK_DTYPES),
             "ablation": ABLATIONS,
@@ -174,6 +190,25 @@ class AIKDParams:
                 f"{self.critic_hidden}"
             )
         check_bank_topk(self.bank_topk)
+        if self.critic_head == "mean" and len(self.critic_hidden) < 2:
+            raise ConfigError(
+                "method.critic_head 'mean' averages the last of at least two hidden layers; "
+                f"give method.critic_hidden two or more sizes, got {self.critic_hidden}"
+            )
+        if not math.isfinite(self.omega_warmup) or not 0 <= self.omega_warmup <= 1:
+            raise ConfigError(
+                "method.omega_warmup is a fraction of the training steps and must be in [0, 1] "
+                f"(a warm-up longer than the run is refused), got {self.omega_warmup}"
+            )
+        if self.omega_start_epoch < 0:
+            raise ConfigError(
+                f"method.omega_start_epoch must be >= 0, got {self.omega_start_epoch}"
+            )
+        if self.superior_seed is not None and not 0 <= self.superior_seed <= 2**63 - 1:
+            raise ConfigError(
+                "method.superior_seed must be null (the student's seed) or an integer in "
+                f"[0, 2**63 - 1], got {self.superior_seed}"
+            )
         if self.n_critic < 1:
             raise ConfigError(f"method.n_critic must be at least 1, got {self.n_critic}")
         if not isinstance(self.superior, str) or not self.superior.strip():
@@ -249,6 +284,63 @@ def _one_hot_log_probs(targets: Tensor, num_classes: int) -> Tensor:
     return out.scatter_(1, targets.long()[:, None], 0.0)
 
 
+#: smallest denominator of the diagnostic ratios (keeps them finite for the non-finite watch)
+_TINY = 1e-12
+
+
+def output_stats(prefix: str, logits: Tensor) -> dict[str, Tensor]:
+    """Per-batch means of a model's float32 logits: ``<prefix>_logit_norm`` (‖z‖₂),
+    ``<prefix>_logit_cnorm`` (‖z − mean_k z‖₂, the part softmax sees) and ``<prefix>_max_prob``
+    (max_k softmax(z)_k). Device tensors, no gradient."""
+    with torch.no_grad():
+        centred = logits - logits.mean(dim=1, keepdim=True)
+        return {
+            f"{prefix}_logit_norm": logits.norm(dim=1).mean(),
+            f"{prefix}_logit_cnorm": centred.norm(dim=1).mean(),
+            f"{prefix}_max_prob": logits.softmax(dim=1).amax(dim=1).mean(),
+        }
+
+
+def adversarial_gradient_stats(
+    logits: Tensor, targets: Tensor, adversarial: Tensor, *, omega: float, alpha_ce: float
+) -> dict[str, Tensor]:
+    """How L_A pulls on the student's logits z (B×K, float32, part of L_A's graph).
+
+    g_A = ∂L_A/∂z by ``torch.autograd.grad`` (one backward through the critic and the critic
+    input only; the graph is kept for the engine's backward); g_CE = ∂CE/∂z = (softmax(z) −
+    onehot(y))/B in closed form. Norms are Frobenius norms over the batch. Terms:
+
+    - ``adv_grad_ratio`` = ‖ω·g_A‖ / ‖α_CE·g_CE‖ (ω the effective weight of this step; absent
+      when α_CE = 0);
+    - ``adv_ce_cos`` = cos(g_A, g_CE): > 0 when L_A pushes the way CE does;
+    - ``adv_radial`` = cos(−g_A, z − mean_k z): > 0 when a descent step on L_A grows the
+      centred logits (inflates them), < 0 when it shrinks them;
+    - ``adv_offset_share`` = share of ‖g_A‖² along the per-sample constant shift (the logit
+      direction softmax ignores; 0 for a critic on probabilities).
+    """
+    if not logits.requires_grad:
+        return {}
+    (g_adv,) = torch.autograd.grad(adversarial, logits, retain_graph=True)
+    with torch.no_grad():
+        z = logits.detach()
+        g_a = g_adv.float()
+        g_ce = z.softmax(dim=1)
+        g_ce[torch.arange(z.shape[0], device=z.device), targets.long()] -= 1.0
+        g_ce = g_ce / z.shape[0]
+        n_a, n_ce = g_a.norm(), g_ce.norm()
+        centred = z - z.mean(dim=1, keepdim=True)
+        out = {
+            "adv_ce_cos": (g_a * g_ce).sum() / (n_a * n_ce).clamp_min(_TINY),
+            "adv_radial": -(g_a * centred).sum() / (n_a * centred.norm()).clamp_min(_TINY),
+            "adv_offset_share": g_a.mean(dim=1).square().sum()
+            * z.shape[1]
+            / n_a.square().clamp_min(_TINY),
+        }
+        if alpha_ce > 0:
+            out["adv_grad_ratio"] = omega * n_a / (alpha_ce * n_ce).clamp_min(_TINY)
+        return out
+
+
 @METHODS.register("aikd", "ai-kd")
 class AIKD(Method):
     """AI-KD: superior-model guide + previous-epoch KD + WGAN-GP adversarial alignment."""
@@ -289,6 +381,8 @@ class AIKD(Method):
         self._pending_state: dict[str, Any] | None = None
         self._is_setup = False
         self._warned_batch_one = False
+        #: (first step with L_A, ramp length in steps), set by setup from the run's length
+        self._omega_steps: tuple[int, float] = (0, 0.0)
 
     # --- frozen models ----------------------------------------------------------------------
     @property
@@ -303,6 +397,10 @@ class AIKD(Method):
 
     def needs_teacher(self) -> bool:
         return self.weights["alpha_g"] > 0 or self.weights["omega"] > 0
+
+    def teacher_seed(self, run_seed: int) -> int:
+        seed = self.params.superior_seed
+        return run_seed if seed is None else seed
 
     def train(self, mode: bool = True) -> AIKD:
         super().train(mode)
@@ -334,7 +432,10 @@ class AIKD(Method):
                 )
             self._frozen["superior"] = _freeze(ctx.load_model(p.superior))
         if self.weights["omega"] > 0:
-            self.critic = Critic(ctx.num_classes, p.critic_hidden, p.critic_norm).to(self._device)
+            self._omega_schedule(ctx.epochs, ctx.steps_per_epoch)
+            self.critic = Critic(
+                ctx.num_classes, p.critic_hidden, p.critic_norm, head=p.critic_head
+            ).to(self._device)
             self.critic_optimizer = torch.optim.Adam(
                 self.critic.parameters(), lr=p.critic_lr, betas=tuple(p.critic_betas)
             )
@@ -405,6 +506,9 @@ class AIKD(Method):
             else:
                 extra.update(self._update_critic(logits, superior_logits))
                 extra["adv_skipped"] = torch.zeros((), device=logits.device)
+        omega = self.omega_at(info.global_step) if w["omega"] > 0 else 0.0
+        if w["omega"] > 0 and self._omega_steps != (0, 0.0):
+            extra["omega_eff"] = torch.full((), omega, device=logits.device)
 
         with _no_autocast(logits.device):
             loss, terms = aikd_loss(
@@ -412,15 +516,30 @@ class AIKD(Method):
                 batch.targets,
                 superior_logits,
                 prev,
-                self.critic if adversarial else None,
+                None,  # L_A below: critic input, BatchNorm mode and warm-up are ours
                 alpha_ce=w["alpha_ce"],
                 alpha_g=w["alpha_g"],
                 alpha_p=w["alpha_p"],
-                omega=w["omega"] if adversarial else 0.0,
+                omega=0.0,
                 tau_g=p.tau_g,
                 tau_p=p.tau_p,
-                critic_input=p.critic_input,
             )
+            student = logits.float()
+            if adversarial:
+                adv = self._adversarial(student)
+                if omega > 0:
+                    loss = loss + omega * adv
+                terms["adversarial"] = adv.detach()
+            if p.diagnostics:
+                extra.update(output_stats("student", student.detach()))
+                if superior_logits is not None:
+                    extra.update(output_stats("superior", superior_logits.detach().float()))
+                if adversarial:
+                    extra.update(
+                        adversarial_gradient_stats(
+                            student, batch.targets, adv, omega=omega, alpha_ce=w["alpha_ce"]
+                        )
+                    )
         terms = {**terms, **extra}
         if mix is not None:
             mix_loss = mixed_ce(all_logits, batch_targets, mix)
@@ -454,10 +573,8 @@ class AIKD(Method):
         """n_critic Adam steps of the WGAN-GP critic loss on detached float32 inputs."""
         critic, optimizer = self.critic, self.critic_optimizer
         assert critic is not None and optimizer is not None
-        real = superior_logits.detach().float()
-        fake = logits.detach().float()
-        if self.params.critic_input == "probs":
-            real, fake = real.softmax(dim=1), fake.softmax(dim=1)
+        real = self._critic_view(superior_logits.detach().float())
+        fake = self._critic_view(logits.detach().float())
         critic.train()
         with _no_autocast(logits.device), torch.enable_grad():
             for _ in range(self.params.n_critic):
@@ -469,6 +586,56 @@ class AIKD(Method):
                 if self._reduce_grads is None or self._reduce_grads(critic):
                     optimizer.step()
         return {"critic_loss": loss.detach(), **terms}
+
+    def _critic_view(self, logits: Tensor) -> Tensor:
+        """What the critic sees of float32 logits (``critic_input``)."""
+        kind = self.params.critic_input
+        if kind == "probs":
+            return logits.softmax(dim=1)
+        if kind == "log_probs":
+            return logits.log_softmax(dim=1)
+        return logits
+
+    def _adversarial(self, student: Tensor) -> Tensor:
+        """L_A = −mean D(view(z_t)) with the critic frozen (no parameter gradient, eval mode);
+        ``critic_bn_mode: batch`` normalizes a BatchNorm critic by the student batch itself."""
+        critic = self.critic
+        assert critic is not None
+        with frozen(critic):
+            scores = critic(
+                self._critic_view(student), batch_stats=self.params.critic_bn_mode == "batch"
+            )
+        return -scores.mean()
+
+    def _omega_schedule(self, epochs: int, steps_per_epoch: int) -> None:
+        """Turn ``omega_start_epoch``/``omega_warmup`` into steps; refuse one past the run."""
+        p: AIKDParams = self.params
+        total = epochs * steps_per_epoch
+        start = p.omega_start_epoch * steps_per_epoch
+        ramp = p.omega_warmup * total
+        if p.omega_start_epoch > 0 and p.omega_start_epoch >= epochs:
+            raise ConfigError(
+                f"method.omega_start_epoch {p.omega_start_epoch} leaves no epoch with L_A in a "
+                f"run of {epochs} epochs; choose a value below {epochs}"
+            )
+        if start + ramp > total + 1e-9:
+            raise ConfigError(
+                f"the warm-up of omega (start at epoch {p.omega_start_epoch}, ramp over "
+                f"{p.omega_warmup:g} of the run) ends after the run's last step ({total} steps); "
+                "lower method.omega_warmup or method.omega_start_epoch"
+            )
+        self._omega_steps = (start, ramp)
+
+    def omega_at(self, global_step: int) -> float:
+        """Effective ω at a global step: 0 before ``omega_start_epoch``, then a linear ramp from
+        0 over ``omega_warmup`` of the run's steps, then ω (host arithmetic, no device read)."""
+        omega = self.weights["omega"]
+        start, ramp = self._omega_steps
+        if global_step < start:
+            return 0.0
+        if ramp > 0:
+            return omega * min(1.0, (global_step - start) / ramp)
+        return omega
 
     def _follow_critic_step(self) -> None:
         """DDP, this rank has no critic batch: take the other ranks' averaged critic steps."""

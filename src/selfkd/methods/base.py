@@ -182,6 +182,11 @@ class Method(nn.Module):
         """Whether this configuration needs the phase-1 model named by ``teacher_param``."""
         return self.teacher_param is not None
 
+    def teacher_seed(self, run_seed: int) -> int:
+        """``run.seed`` of the phase-1 run that trains the ``auto`` teacher: the student's own
+        unless the method's parameters name another (AI-KD's ``superior_seed``)."""
+        return run_seed
+
     # --- helpers ----------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
         return {}
