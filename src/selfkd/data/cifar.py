@@ -11,13 +11,14 @@ Each file is a pickled dict with bytes keys (``b'data'``: uint8 N×3072, channel
 ``cifar-10-batches-py/`` / ``cifar-100-python/`` or that folder itself; it defaults to
 ``$SELFKD_DATA`` or ``./data``.
 
-These files are pickles: only load copies you downloaded from the official site.
+These files are pickles; they are read with a restricted unpickler
+(:mod:`selfkd.data.safe_pickle`) that builds only dicts, lists, bytes, numbers and numpy arrays,
+so a file that asks for anything else (code) is refused and nothing in it runs.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch
 
 from selfkd.data.base import ArrayImageDataset, AugmentSpec, RawSplits
 from selfkd.data.registry import DATASETS, check_options
+from selfkd.data.safe_pickle import UnsafePickleError, load_data_pickle
 from selfkd.errors import ConfigError, DataError
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -54,8 +56,13 @@ def load_cifar_pickle(path: Path) -> dict[str, Any]:
             f"archive from {CIFAR_URL}"
         )
     try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+        obj = load_data_pickle(path, encoding="bytes")
+    except UnsafePickleError as exc:
+        raise DataError(
+            f"refused to read CIFAR file {path}: {exc}; a genuine CIFAR file never does, so this "
+            f"copy was altered: delete the folder and get the dataset again from {CIFAR_URL} "
+            "(or `selfkd data get`)"
+        ) from None
     except Exception as exc:  # pickle raises many kinds of errors on corrupt input
         raise DataError(
             f"cannot read CIFAR file {path} ({_one_line(exc)}); it is corrupt or truncated, "

@@ -55,7 +55,8 @@ import torch
 
 from selfkd.data.base import RawSplits
 from selfkd.data.imagefolder import (
-    IMAGE_EXTENSIONS,
+    list_images,
+    list_subfolders,
     make_splits,
 )
 from selfkd.data.registry import DATASETS, check_options
@@ -486,9 +487,7 @@ CALTECH_BACKGROUND = "BACKGROUND_Google"
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    return list_images(folder)
 
 
 def _locate_caltech(root: str | None) -> Path:
@@ -501,8 +500,8 @@ def _locate_caltech(root: str | None) -> Path:
                 return base / folder
     # the dataset folder itself (possibly renamed): class folders holding images
     if root is not None and bases[0].is_dir():
-        for d in bases[0].iterdir():
-            if d.is_dir() and _image_files(d):
+        for d in list_subfolders(bases[0], "dataset folder"):
+            if _image_files(d):
                 return bases[0]
     raise DataError(
         f"Caltech-101 not found: {bases[0] / folders[0]} is missing; set data.root to the folder "
@@ -549,7 +548,7 @@ def caltech101(root: str | None = None, **options: Any) -> RawSplits:
             f"got {opts['include_background']!r}"
         )
     base = _locate_caltech(root)
-    folders = sorted(d for d in base.iterdir() if d.is_dir())
+    folders = list_subfolders(base, "dataset folder")
     if not opts["include_background"]:
         folders = [d for d in folders if d.name != CALTECH_BACKGROUND]
     if not folders:

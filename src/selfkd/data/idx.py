@@ -16,6 +16,7 @@ dataset-fashion-mnist) when it exists, else ``./data/fashion-mnist``; MNIST uses
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -76,7 +77,7 @@ def read_idx(path: str | os.PathLike, magic: int) -> np.ndarray:
     if len(data) < header:
         raise DataError(f"IDX file {path} is truncated inside its header; re-download it")
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    expected = header + int(np.prod(dims, dtype=np.int64))
+    expected = header + math.prod(dims)  # Python ints: 3 uint32 dimensions cannot overflow
     if len(data) < expected:
         raise DataError(
             f"IDX file {path} is truncated: {len(data)} bytes, expected {expected} for "

@@ -25,6 +25,7 @@ seeded workers), so file-dataset augmentation is not exactly reproducible across
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -185,14 +186,49 @@ def make_splits(
     )
 
 
+def _unreadable(folder: Path, exc: OSError, what: str) -> DataError:
+    reason = " ".join(f"{type(exc).__name__}: {exc.strerror or exc}".split())
+    return DataError(
+        f"{what} {folder} cannot be read ({reason}); fix its permissions (e.g. chmod -R u+rX) "
+        "or remove it"
+    )
+
+
+def list_subfolders(folder: Path, what: str = "folder") -> list[Path]:
+    """The sub-folders of ``folder``, sorted; DataError naming it when it cannot be read."""
+    try:
+        return sorted(Path(e.path) for e in os.scandir(folder) if e.is_dir())
+    except OSError as exc:
+        raise _unreadable(folder, exc, what) from None
+
+
+def list_images(folder: Path, recursive: bool = False, what: str = "class folder") -> list[Path]:
+    """The image files in ``folder`` (and below with ``recursive``), sorted.
+
+    A folder that cannot be listed (permissions, I/O error) is a DataError naming it and the
+    OS error, never silently "no images".
+    """
+    found: list[Path] = []
+    pending = [Path(folder)]
+    while pending:
+        current = pending.pop()
+        try:
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    if entry.is_dir():
+                        if recursive:
+                            pending.append(Path(entry.path))
+                    elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in (
+                        IMAGE_EXTENSIONS
+                    ):
+                        found.append(Path(entry.path))
+        except OSError as exc:
+            raise _unreadable(current, exc, what) from None
+    return sorted(found)
+
+
 def _scan(folder: Path) -> dict[str, list[Path]]:
-    classes: dict[str, list[Path]] = {}
-    for d in sorted(p for p in folder.iterdir() if p.is_dir()):
-        files = sorted(
-            p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
-        classes[d.name] = files
-    return classes
+    return {d.name: list_images(d, recursive=True) for d in list_subfolders(folder)}
 
 
 @DATASETS.register("imagefolder", "image-folder")

@@ -24,7 +24,7 @@ defaults to ``$SELFKD_DATA/tiny-imagenet`` (or ``$SELFKD_DATA``), then ``./data/
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 from typing import Any
 
 from selfkd.data.base import AugmentSpec, RawSplits
@@ -36,7 +36,7 @@ from selfkd.data.finegrained import (
     make_splits,
     read_lines,
 )
-from selfkd.data.imagefolder import IMAGE_EXTENSIONS
+from selfkd.data.imagefolder import list_images, list_subfolders
 from selfkd.data.registry import DATASETS, check_options
 from selfkd.errors import DataError
 
@@ -46,11 +46,7 @@ TINY_CROP_PADDING = 4
 
 
 def _images_in(folder: str) -> list[str]:
-    return sorted(
-        e.name
-        for e in os.scandir(folder)
-        if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
-    )
+    return [p.name for p in list_images(Path(folder), what="image folder")]
 
 
 @DATASETS.register("tiny-imagenet", "tinyimagenet", "tiny_imagenet")
@@ -90,7 +86,7 @@ def tiny_imagenet(root: str | None = None, **options: Any) -> RawSplits:
         raise DataError(
             f"{title}: {train_dir} is missing; it should hold train/<wnid>/images/*.JPEG; {hint}"
         )
-    extra = sorted(d.name for d in train_dir.iterdir() if d.is_dir() and d.name not in index)
+    extra = [d.name for d in list_subfolders(train_dir) if d.name not in index]
     if extra:
         raise DataError(
             f"{title}: {train_dir / extra[0]} is a class folder whose WordNet id {wnid_file} "
