@@ -140,7 +140,9 @@ def tiny_imagenet_zip(classes: int = 3, per_class: int = 2) -> bytes:
     top = "tiny-imagenet-200"
     files: Files = {
         f"{top}/wnids.txt": "\n".join(wnids).encode() + b"\n",
-        f"{top}/words.txt": "".join(f"{w}\tthing{i}, other\n" for i, w in enumerate(wnids)).encode(),
+        f"{top}/words.txt": "".join(
+            f"{w}\tthing{i}, other\n" for i, w in enumerate(wnids)
+        ).encode(),
     }
     ann = []
     for i, w in enumerate(wnids):
@@ -234,9 +236,7 @@ def aircraft_tgz(variants: int = 3, per_split: int = 1) -> bytes:
                 files[f"{top}/images/{image:07d}.jpg"] = jpeg(image)
                 lines.append(f"{image:07d} {name}")
         files[f"{top}/images_variant_{split}.txt"] = ("\n".join(lines) + "\n").encode()
-    trainval = (
-        files[f"{top}/images_variant_train.txt"] + files[f"{top}/images_variant_val.txt"]
-    )
+    trainval = files[f"{top}/images_variant_train.txt"] + files[f"{top}/images_variant_val.txt"]
     files[f"{top}/images_variant_trainval.txt"] = trainval
     return tar_bytes(files)
 
