@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from selfkd.errors import RunInterrupted, SelfKDError
+from selfkd.errors import RunDirError, RunInterrupted, SelfKDError
 
 SUMMARY_KEYS = [
     ("top1_err", "Top-1 err (%)"),
@@ -54,12 +55,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_path = Path(cfg.run.out_dir) / cfg.run.name
     try:
         final = train(cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    except OSError as exc:  # an I/O failure no writer turned into a SelfKDError
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise RunDirError(
+            f"{exc.strerror or exc}{where} while training {run_path}; fix it and continue "
+            "with --resume"
+        ) from None
     except (KeyboardInterrupt, RunInterrupted) as exc:
-        resume = (
-            f"selfkd train --config {args.config}"
-            + "".join(f" --set {s}" for s in args.set)
-            + " --resume"
-        )
+        # shell-quoted, so that it can be pasted back (--set model.options={width: 4})
+        words = ["selfkd", "train", "--config", str(args.config)]
+        for item in args.set:
+            words += ["--set", item]
+        resume = shlex.join([*words, "--resume"])
         if isinstance(exc, RunInterrupted):
             print(f"\n{exc}\nresume with: {resume}", file=sys.stderr)
             return exc.exit_code

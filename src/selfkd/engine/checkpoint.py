@@ -136,8 +136,35 @@ def load_latest(path: Path, previous: Path, map_location: Any = "cpu") -> tuple[
         return load_checkpoint(previous, map_location), previous
 
 
-def check_compatible(meta: dict[str, Any], model: nn.Module, num_classes: int, what: str) -> None:
-    """Refuse a checkpoint whose model differs from ``model`` (architecture or class count)."""
+def model_differences(theirs: Any, ours: dict[str, Any]) -> list[str]:
+    """``model.name`` / ``model.options.*`` that differ between a checkpoint's model config
+    (``meta["config"]["model"]``) and this run's, as ``key=theirs (this run: ours)`` strings."""
+    if not isinstance(theirs, dict):
+        return []
+    diffs = []
+    if theirs.get("name") != ours.get("name"):
+        diffs.append(f"model.name={theirs.get('name')!r} (this run: {ours.get('name')!r})")
+        return diffs  # another architecture: its options are not comparable
+    a, b = theirs.get("options") or {}, ours.get("options") or {}
+    for key in sorted(set(a) | set(b), key=str):
+        if a.get(key) != b.get(key):
+            shown = [repr(o[key]) if key in o else "default" for o in (a, b)]
+            diffs.append(f"model.options.{key}={shown[0]} (this run: {shown[1]})")
+    return diffs
+
+
+def check_compatible(
+    meta: dict[str, Any],
+    model: nn.Module,
+    num_classes: int,
+    what: str,
+    model_config: dict[str, Any] | None = None,
+) -> None:
+    """Refuse a checkpoint whose model differs from ``model`` (architecture or class count).
+
+    With ``model_config`` (this run's ``{"name": ..., "options": {...}}``) a model of another
+    architecture is refused naming the model keys that differ, e.g. ``model.options.width``.
+    """
     ckpt_classes = meta.get("num_classes")
     if ckpt_classes is not None and ckpt_classes != num_classes:
         raise CheckpointError(
@@ -147,8 +174,30 @@ def check_compatible(meta: dict[str, Any], model: nn.Module, num_classes: int, w
     ours = model_fingerprint(model)
     theirs = meta.get("fingerprint")
     if theirs is not None and theirs != ours:
+        config = meta.get("config")
+        diffs = (
+            model_differences(config.get("model"), model_config)
+            if model_config is not None and isinstance(config, dict)
+            else []
+        )
+        channels, here = meta.get("in_channels"), _in_channels(model)
+        if channels is not None and here is not None and channels != here:
+            diffs.append(f"input channels={channels} (this run: {here})")
+        if diffs:
+            raise CheckpointError(
+                f"{what} holds another model than this run builds: {'; '.join(diffs)}; use a "
+                "checkpoint of the same architecture and options"
+            )
         raise CheckpointError(
             f"{what} holds model {meta.get('model', '?')!r} "
             f"(fingerprint {theirs}) but this run builds {type(model).__name__!r}"
             f" (fingerprint {ours}); use a checkpoint of the same architecture and options"
         )
+
+
+def _in_channels(model: nn.Module) -> int | None:
+    """The input channels of ``model``'s first convolution (None if it has none)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return int(module.in_channels)
+    return None

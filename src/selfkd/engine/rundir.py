@@ -15,18 +15,21 @@ Layout::
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from selfkd.config import dump_yaml
 from selfkd.engine.checkpoint import atomic_write_text
-from selfkd.errors import RunDirError
+from selfkd.errors import CheckpointError, RunDirError
 
 CONFIG = "config.yaml"
 FINAL = "final.json"
@@ -66,7 +69,29 @@ class RunDir:
         return self.path / BEST
 
     def holds_run(self) -> bool:
-        return (self.path / CONFIG).exists() or self.last.exists()
+        try:
+            return (self.path / CONFIG).exists() or self.last.exists()
+        except OSError as exc:  # e.g. ENAMETOOLONG, EACCES on a parent folder
+            raise RunDirError(
+                f"cannot use run directory {self.path} ({exc.strerror or exc}); "
+                "choose another run.out_dir or run.name"
+            ) from None
+
+    def temporaries(self) -> list[Path]:
+        """Temporary files an atomic write left behind when its process was killed mid-write
+        (``.NAME.*.tmp`` beside the run's files and checkpoints)."""
+        found: list[Path] = []
+        for folder in (self.path, self.path / "checkpoints"):
+            with contextlib.suppress(OSError):
+                found += [p for p in folder.glob(".*.tmp") if p.is_file()]
+        return sorted(found)
+
+    def clean_temporaries(self) -> None:
+        """Delete :meth:`temporaries`. Only call it while holding the lock (:meth:`acquire`):
+        then no other selfkd process is writing into this directory."""
+        for path in self.temporaries():
+            with contextlib.suppress(OSError):
+                path.unlink()
 
     def is_finished(self) -> bool:
         final = self.read_final()
@@ -119,23 +144,36 @@ class RunDir:
             self._lock = None
 
     def prepare(self, *, resume: bool, overwrite: bool) -> None:
-        """Create the directory; check it is writable and not holding another run."""
+        """Create the directory; check it is writable and not holding another run; delete the
+        temporary files of writes a killed process left. Call it holding :meth:`acquire` (it
+        raises before touching anything when the directory holds a run and neither flag is
+        given)."""
         if self.holds_run() and not (resume or overwrite):
+            if self.has_checkpoint():
+                advice = "pass --resume to continue it, --overwrite to replace it"
+            else:  # stopped (killed, failed) before its first checkpoint
+                advice = (
+                    "it stopped before its first checkpoint: pass --resume or --overwrite to "
+                    "start it again"
+                )
             raise RunDirError(
-                f"run directory {self.path} already holds a run; pass --resume to continue it, "
-                "--overwrite to replace it, or choose another run.name"
+                f"run directory {self.path} already holds a run; {advice}, "
+                "or choose another run.name"
             )
+        probe = self.path / ".write-test"
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / "checkpoints").mkdir(exist_ok=True)
-            probe = self.path / ".write-test"
             probe.write_text("ok")
-            probe.unlink()
         except OSError as exc:
             raise RunDirError(
                 f"cannot write to run directory {self.path} ({exc.strerror or exc}); "
                 "set run.out_dir to a writable folder"
+                + (" or free disk space" if exc.errno == errno.ENOSPC else "")
             ) from None
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()  # also the empty file a full disk leaves
         if overwrite and not resume:
             names = (
                 CONFIG,
@@ -151,21 +189,60 @@ class RunDir:
                 with_path = self.path / name
                 if with_path.exists():
                     with_path.unlink()
+        self.clean_temporaries()  # called under the lock: no other process writes here
         if resume:
             self.rows = self.read_rows()
 
     # --- writers ----------------------------------------------------------------------------
+    def _write(self, name: str, text: str) -> None:
+        """Write RUN/name atomically; a failed write (full disk) is a one-line RunDirError and
+        leaves the file as it was."""
+        try:
+            atomic_write_text(self.path / name, text)
+        except OSError as exc:
+            raise RunDirError(
+                f"could not write {self.path / name} ({exc.strerror or exc}); it is unchanged: "
+                "free disk space and continue with --resume"
+            ) from None
+
     def write_config(self, resolved: dict[str, Any]) -> None:
-        atomic_write_text(self.path / CONFIG, dump_yaml(resolved))
+        self._write(CONFIG, dump_yaml(resolved))
 
     def read_rows(self) -> list[dict[str, Any]]:
+        """The metrics rows written so far. A corrupt metrics.jsonl (e.g. truncated by a copy)
+        is read from metrics.csv instead (the same rows); RunDirError when both are unusable."""
         path = self.path / "metrics.jsonl"
         if not path.is_file():
             return []
+        try:
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            rows = self._rows_from_csv()
+            if rows is None:
+                raise RunDirError(
+                    f"{path} is corrupt ({type(exc).__name__}) and metrics.csv cannot replace "
+                    "it; repair or delete the broken line and resume again"
+                ) from None
+            import warnings
+
+            warnings.warn(f"{path} is corrupt; using the rows of metrics.csv", stacklevel=2)
+            return rows
+
+    def _rows_from_csv(self) -> list[dict[str, Any]] | None:
+        """The rows of metrics.csv with numbers parsed, or None if it is missing or corrupt."""
+        try:
+            with open(self.path / "metrics.csv", newline="") as handle:
+                table = list(csv.DictReader(handle))
+        except (OSError, UnicodeDecodeError, csv.Error):
+            return None
         rows = []
-        for line in path.read_text().splitlines():
-            if line.strip():
-                rows.append(json.loads(line))
+        for record in table:
+            if None in record or any(v is None for v in record.values()):
+                return None  # a short (truncated) line
+            row = {k: _parse_cell(v) for k, v in record.items()}
+            if not isinstance(row.get("epoch"), int):
+                return None
+            rows.append({k: v for k, v in row.items() if v is not None})
         return rows
 
     def append_row(self, row: dict[str, Any]) -> None:
@@ -183,14 +260,12 @@ class RunDir:
         writer.writeheader()
         for r in self.rows:
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
-        atomic_write_text(self.path / "metrics.csv", buf.getvalue())
-        atomic_write_text(
-            self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows)
-        )
+        self._write("metrics.csv", buf.getvalue())
+        self._write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def write_final(self, final: dict[str, Any]) -> None:
         clean = {k: _clean(v) for k, v in final.items()}
-        atomic_write_text(self.path / FINAL, json.dumps(clean, indent=2, sort_keys=False) + "\n")
+        self._write(FINAL, json.dumps(clean, indent=2, sort_keys=False) + "\n")
 
     def logger(self, name: str, quiet: bool = False) -> logging.Logger:
         """A logger writing to RUN/train.log and (unless quiet) to stderr."""
@@ -198,7 +273,7 @@ class RunDir:
         logger.setLevel(logging.INFO)
         logger.propagate = False
         fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-        file_handler = logging.FileHandler(self.path / "train.log")
+        file_handler = _QuietFileHandler(self.path / "train.log")
         file_handler.setFormatter(fmt)
         logger.addHandler(file_handler)
         if not quiet:
@@ -206,6 +281,43 @@ class RunDir:
             console.setFormatter(logging.Formatter("%(message)s"))
             logger.addHandler(console)
         return logger
+
+
+def check_resumable(run: RunDir) -> None:
+    """``--resume`` of ``run`` that has no checkpoint: fine when it holds a run that stopped
+    before its first checkpoint (it starts again from epoch 1, nothing trained is lost), a
+    CheckpointError when no run was ever started there (a mistyped run.name)."""
+    if not run.holds_run():
+        raise CheckpointError(
+            f"nothing to resume in {run.path}: no run was started there (no config.yaml, no "
+            "checkpoint); check run.name and run.out_dir, or drop --resume to start a new run"
+        )
+
+
+def _parse_cell(text: str) -> Any:
+    """A metrics.csv cell as the number it was written from ("" is None)."""
+    if text == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+class _QuietFileHandler(logging.FileHandler):
+    """A log file that, when it cannot be written (full disk), says so in one line on stderr
+    once and stops writing, instead of printing a traceback for every message."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not getattr(self, "_failed", False):
+            self._failed = True
+            print(f"warning: cannot write {self.baseFilename}; it stops here", file=sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not getattr(self, "_failed", False):
+            super().emit(record)
 
 
 def close_logger(logger: logging.Logger) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from selfkd.config import Config
 from selfkd.engine import distributed as D
-from selfkd.engine.rundir import RunDir
+from selfkd.engine.rundir import RunDir, check_resumable
 from selfkd.engine.trainer import Trainer
 from selfkd.errors import CheckpointError
 from selfkd.methods import Method, build_method
@@ -149,11 +149,27 @@ def train(
     run = RunDir(Path(cfg.run.out_dir) / cfg.run.name)
     if run.holds_run() and not (resume or overwrite):
         run.prepare(resume=False, overwrite=False)  # raises RunDirError before phase 1 runs
+    if resume and not run.has_checkpoint() and not run.holds_run():
+        # a run stopped during its phase 1 has no folder of its own yet: --resume finishes
+        # phase 1, then trains the method from the start; else there is nothing to resume
+        if phase1_pending(cfg, method):
+            resume = False
+        else:
+            check_resumable(run)  # raises CheckpointError before phase 1 runs
     resolve_teacher(cfg, method, quiet=quiet, log=(lambda *_: None) if quiet else print)
     trainer = Trainer(
         cfg, method=method, resume=resume, overwrite=overwrite, quiet=quiet, **trainer_kwargs
     )
     return trainer.fit()
+
+
+def phase1_pending(cfg: Config, method: Method) -> bool:
+    """Does ``cfg`` train its phase 1 automatically, and is that run not finished yet?"""
+    param = method.teacher_param
+    if param is None or not method.needs_teacher() or getattr(method.params, param) != "auto":
+        return False
+    phase1 = phase1_config(cfg)
+    return not RunDir(Path(phase1.run.out_dir) / phase1.run.name).is_finished()
 
 
 def phase1_run_dir(cfg: Config) -> Path | None:

@@ -83,7 +83,8 @@ from selfkd.engine.device import (
 )
 from selfkd.engine.guard import NonFinite, NonFiniteWatch, step_values
 from selfkd.engine.optim import build_optimizer, lr_at, set_lr
-from selfkd.engine.rundir import RunDir, close_logger
+from selfkd.engine.resume import config_differences, describe_differences
+from selfkd.engine.rundir import RunDir, check_resumable, close_logger
 from selfkd.errors import (
     CheckpointError,
     ConfigError,
@@ -271,11 +272,12 @@ class Trainer:
         # Check the run directory before any expensive work (dataset loading).
         if self.run.holds_run() and not (resume or overwrite):
             self.run.prepare(resume=False, overwrite=False)  # raises RunDirError
+        #: a --resume of a run that stopped before its first checkpoint starts it again
+        self.restarted = False
         if resume and not self.run.has_checkpoint():
-            raise CheckpointError(
-                f"nothing to resume in {self.run.path}: {self.run.last} does not exist; "
-                "drop --resume to start a new run"
-            )
+            check_resumable(self.run)
+            resume, overwrite, self.restarted = False, True, True
+            self.resume = False
         D.barrier()  # every rank has checked the directory before rank 0 writes into it
 
         self.data = data if data is not None else self._build_data()
@@ -300,12 +302,23 @@ class Trainer:
             if self.mixer is not None
             else False
         )
+        if cfg.run.best_metric == "top5_err" and self.data.num_classes < 5:
+            raise ConfigError(
+                f"run.best_metric top5_err needs at least 5 classes, the data has "
+                f"{self.data.num_classes}; choose top1_err"
+            )
+        resumed = None
+        if resume:  # refused before anything in the run directory changes
+            resumed = ckpt.load_latest(self.run.last, self.run.last_previous, self.device)
+            self._check_resume_config(resumed[0].get("meta", {}))
         if self.is_main:
             self.run.acquire()
             self.run.prepare(resume=resume, overwrite=overwrite)
             self.log = self.run.logger(cfg.run.name, quiet=quiet)
         else:
             self.log = _null_logger(cfg.run.name)
+        if self.restarted:
+            self.log.info(f"{self.run.path} has no checkpoint yet: starting it from epoch 1")
         D.barrier()
 
         sampler = self.method.batch_sampler(self.data.train_labels, self.batch_size, cfg.run.seed)
@@ -367,10 +380,8 @@ class Trainer:
         if self.world_size > 1 and self.rank > 0:
             # augmentations differ between ranks; the model and method were built alike
             seed_everything(_rank_seed(cfg.run.seed, self.rank), cfg.run.deterministic)
-        if resume:
-            state, self._resumed_from = ckpt.load_latest(
-                self.run.last, self.run.last_previous, map_location=self.device
-            )
+        if resumed is not None:
+            state, self._resumed_from = resumed
             self._restore(state)
         # the model the engine trains: DDP averages gradients during backward
         self.ddp_model: nn.Module | None = None
@@ -447,7 +458,9 @@ class Trainer:
                 f"{self.cfg.data.name!r}; train the superior model on the same data"
             )
         model = self._fresh_model()
-        ckpt.check_compatible(meta, model, self.data.num_classes, f"checkpoint {path}")
+        ckpt.check_compatible(
+            meta, model, self.data.num_classes, f"checkpoint {path}", self._model_config()
+        )
         model.load_state_dict(data["model"])
         return model
 
@@ -477,6 +490,29 @@ class Trainer:
         if self.mixer is not None:
             resolved["data"]["mix"] = self.mixer.describe(split=self.mix_split)
         return resolved
+
+    def _model_config(self) -> dict[str, Any] | None:
+        """This run's ``model`` section (None for a model given through the Python API)."""
+        return None if self._user_model else self.cfg.to_dict()["model"]
+
+    def _check_resume_config(self, meta: dict[str, Any]) -> None:
+        """Refuse to resume with a config that shapes training otherwise than the checkpoint's
+        (:mod:`selfkd.engine.resume`): ConfigError naming the keys."""
+        trained = meta.get("config")
+        if not isinstance(trained, dict):
+            return  # a checkpoint without its config (not written by the trainer)
+        defaults = Config().to_dict()
+        with contextlib.suppress(SelfKDError, TypeError, ValueError):
+            defaults["method"] = build_method({"name": self.method.name}).describe()
+        found = config_differences(trained, self.resolved_config(), defaults)
+        if found:
+            raise ConfigError(
+                f"cannot resume {self.run.path}: its checkpoint was trained with another "
+                f"config in {describe_differences(found)}; resume with the config it was "
+                f"trained with ({self.run.path / 'config.yaml'}) or start a new run under "
+                "another run.name (only execution settings such as run.device, "
+                "data.eval_batch_size or run.progress may change on resume)"
+            )
 
     # --- checkpoints ------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
@@ -532,7 +568,11 @@ class Trainer:
     def _restore(self, data: dict[str, Any]) -> None:
         meta = data.get("meta", {})
         ckpt.check_compatible(
-            meta, self.model, self.data.num_classes, f"checkpoint {self.run.last}"
+            meta,
+            self.model,
+            self.data.num_classes,
+            f"checkpoint {self.run.last}",
+            self._model_config(),
         )
         try:
             self.model.load_state_dict(data["model"])
@@ -613,6 +653,8 @@ class Trainer:
             if self.tb is not None:
                 self.tb.close()
             close_logger(self.log)
+            if self.is_main:
+                self.run.clean_temporaries()  # still under the lock
             self.run.release()
         return final
 
@@ -855,8 +897,16 @@ class Trainer:
             return False
         found = NonFinite(global_step, dict(zip(names, values.tolist(), strict=True)))
         where = self._describe_nonfinite(found, here=bool(bad_here))
+        if not self._weights_finite():
+            self._raise_nonfinite(
+                f"{where}; the model's weights are no longer finite (an earlier step with a "
+                "finite loss blew them up), so skipping steps cannot recover the run"
+            )
         if self.skipped_steps >= self.cfg.run.max_skipped_steps:
-            self._raise_nonfinite(where)
+            self._raise_nonfinite(
+                f"{where}; {self.skipped_steps} steps skipped already "
+                f"(run.max_skipped_steps={self.cfg.run.max_skipped_steps})"
+            )
         self.skipped_steps += 1
         self.log.info(f"skipping step: {where}")
         self.optimizer.zero_grad(set_to_none=True)
@@ -892,19 +942,46 @@ class Trainer:
             f"(global step {found.global_step}); terms: {terms}"
         )
 
+    def _weights_finite(self) -> bool:
+        """Are all model parameters finite? (one host read; only asked after a bad step)"""
+        checks = [torch.isfinite(p).all() for p in self.model.parameters()]
+        return bool(torch.stack(checks).all()) if checks else True
+
     def _raise_nonfinite(self, where: str) -> None:
         D.barrier()  # rank 0 may be writing last.pt
         last = self.run.last if self.run.last.exists() else None
         keep = f"; the last good checkpoint is {last}" if last else ""
-        raise TrainingError(f"{where}{keep}; lower train.lr or set train.grad_clip")
+        amp = ", turn run.amp off" if self.amp is not None else ""
+        raise TrainingError(
+            f"{where}{keep}; training diverged: lower train.lr, set train.grad_clip{amp} and "
+            "train again (--overwrite or another run.name)"
+        )
+
+    def _check_logits(self, logits: Tensor, split: str) -> None:
+        """NaN/Inf logits at evaluation: the weights diverged on steps whose loss still looked
+        finite (or overflowed under run.amp). A TrainingError, before any checkpoint of them."""
+        if bool(torch.isfinite(logits).all()):
+            return
+        skip = (
+            " (run.nonfinite=skip only skips steps whose loss is NaN/Inf; it cannot undo weights "
+            "that blew up on steps with a finite loss)"
+            if self.cfg.run.nonfinite == "skip"
+            else ""
+        )
+        self._raise_nonfinite(
+            f"the {split} logits after epoch {self.epoch} contain NaN or Inf: the model's "
+            f"weights diverged{skip}"
+        )
 
     def evaluate_epoch(self) -> dict[str, Any]:
         row: dict[str, Any] = {}
         logits, targets = self.test_logits()
+        self._check_logits(logits, "test")
         test = M.evaluate_logits(logits, targets)
         row.update({f"test_{k}": v for k, v in test.items()})
         if self.data.val_loader is not None:
             vlogits, vtargets = self.val_logits()
+            self._check_logits(vlogits, "validation")
             val = M.evaluate_logits(vlogits, vtargets)
             row.update({f"val_{k}": v for k, v in val.items()})
         return row
@@ -976,9 +1053,11 @@ class Trainer:
     def finalize(self) -> dict[str, Any]:
         """Final metrics of the last epoch, with temperature scaling fitted on the val split."""
         logits, targets = self.test_logits()
+        self._check_logits(logits, "test")
         temperature = None
         if self.data.val_loader is not None:
             vlogits, vtargets = self.val_logits()
+            self._check_logits(vlogits, "validation")
             temperature = M.fit_temperature(vlogits, vtargets)
         test = M.evaluate_logits(logits, targets, temperature=temperature)
         final: dict[str, Any] = {
