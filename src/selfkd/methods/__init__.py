@@ -9,6 +9,7 @@ from selfkd.methods import (  # noqa: F401  (importing a module registers its me
     drg,
     label_smoothing,
     pskd,
+    stack,
     tfkd,
     zfls,
 )

@@ -21,9 +21,18 @@ temperatures of DRG and DSR). The official script hard-codes T = 4 for **both** 
 
 Decisions:
 
-- **Auxiliary classifier (AC)**: one head on the output of stage 2 (tap ``stage2``, the paper's
-  "after the second block"; ``tap`` may name any other tap or module path), built at setup from
-  the tap's shape measured with a dry forward pass on ``ctx.input_shape`` (eval mode, no grad).
+- **Auxiliary classifiers (ACs)**: one head per entry of ``taps`` (default ``[stage2]``, the
+  paper's "after the second block"; any non-empty subset of ``stage1..stageN``, or module paths,
+  as in the paper's table IV; ``tap: X`` is the older one-tap form of ``taps: [X]``), each built
+  at setup from its tap's shape measured with a dry forward pass on ``ctx.input_shape`` (eval
+  mode, no grad). With several taps every AC adds its CE and teaches the main head with its own
+  ``α·L_RG`` term (the paper gives no other weighting)::
+
+      L = CE(z, y) + Σ_j [CE(z'_j, y) + α·τ_drg²·KL(sg(p(z'_j)(τ_drg)) ‖ p(z)(τ_drg))] (+ β·L_SR)
+
+  Terms ``ce_ac`` and ``rg`` are then the sums over taps and ``ce_ac_<tap>``/``rg_<tap>`` each
+  tap's own value. The first tap's head is ``self.ac`` (state keys ``ac.*``, as with one tap),
+  the others ``self.more_acs[<tap>]``; ``self.acs`` maps every tap to its head.
   Head: ``ac_blocks`` × [conv3×3 stride 2 doubling the channels → BN → ReLU] → global average
   pool → Linear(→K) (:class:`selfkd.methods.heads.AuxiliaryClassifier`). The official head adds
   an attention mask and uses separable convs (SepConv C→2C→4C, stride 2 each); ours keeps its
@@ -49,19 +58,32 @@ Decisions:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfkd.errors import ConfigError
-from selfkd.losses.drg import drg_dsr_loss
+from selfkd.losses.drg import drg_dsr_loss, reverse_guidance_loss
 from selfkd.methods.base import METHODS, Batch, Method, MethodContext, StepInfo, StepOutput
 from selfkd.methods.heads import AuxiliaryClassifier, open_taps, spatial_shape, tap_shapes
 from selfkd.models import FeatureTaps
 
 __all__ = ["DRG", "DRGDSR", "DSR", "DRGDSRParams", "DRGParams", "DSRParams"]
+
+#: the paper's tap: one auxiliary classifier after the second block
+DEFAULT_TAPS = ["stage2"]
+
+
+def _default_taps() -> list[str]:
+    return list(DEFAULT_TAPS)
+
+
+def _key(tap: str) -> str:
+    """A tap name as a ModuleDict key (no dots)."""
+    return tap.replace(".", "_").replace(":", "_")
 
 
 def _check_positive(name: str, value: float, strict: bool) -> None:
@@ -80,8 +102,35 @@ def _validate(params: Any) -> None:
             _check_positive(key, getattr(params, key), strict=True)
     if hasattr(params, "ac_blocks") and params.ac_blocks < 0:
         raise ConfigError(f"method.ac_blocks must be >= 0, got {params.ac_blocks}")
-    if hasattr(params, "tap") and (not isinstance(params.tap, str) or not params.tap.strip()):
-        raise ConfigError("method.tap must name a feature tap, e.g. stage2")
+    if hasattr(params, "taps"):
+        _resolve_taps(params)
+
+
+def _resolve_taps(params: Any) -> None:
+    """Fold the one-tap form ``tap`` into ``taps`` and check the list (non-empty, no repeats)."""
+    if params.tap is not None:
+        if not isinstance(params.tap, str) or not params.tap.strip():
+            raise ConfigError("method.tap must name a feature tap, e.g. stage2")
+        if params.taps not in (DEFAULT_TAPS, [params.tap]):
+            raise ConfigError(
+                f"method.tap ({params.tap!r}) and method.taps ({params.taps!r}) disagree; "
+                "give method.taps only, e.g. taps: [stage1, stage2]"
+            )
+        params.taps = [params.tap]
+        params.tap = None
+    taps = params.taps
+    if isinstance(taps, str):
+        taps = [taps]
+    if not isinstance(taps, list) or not taps:
+        raise ConfigError(
+            f"method.taps must be a non-empty list of feature taps, e.g. [stage2], got {taps!r}"
+        )
+    for tap in taps:
+        if not isinstance(tap, str) or not tap.strip():
+            raise ConfigError(f"method.taps must name feature taps, e.g. [stage2], got {tap!r}")
+    if len(set(taps)) != len(taps):
+        raise ConfigError(f"method.taps lists a tap twice: {taps}; give each tap once")
+    params.taps = list(taps)
 
 
 @dataclass
@@ -90,7 +139,10 @@ class DRGParams:
 
     alpha: float = 0.2
     tau_drg: float = 1.0
-    tap: str = "stage2"
+    #: feature taps, one auxiliary classifier each (any non-empty subset of stage1..stageN)
+    taps: list[str] = field(default_factory=_default_taps)
+    #: the one-tap form of ``taps`` (older configs): ``tap: stage3`` = ``taps: [stage3]``
+    tap: str | None = None
     ac_blocks: int = 2
 
     def validate(self) -> None:
@@ -116,7 +168,10 @@ class DRGDSRParams:
     beta: float = 1.0
     tau_drg: float = 1.0
     tau_dsr: float = 4.0
-    tap: str = "stage2"
+    #: feature taps, one auxiliary classifier each (any non-empty subset of stage1..stageN)
+    taps: list[str] = field(default_factory=_default_taps)
+    #: the one-tap form of ``taps`` (older configs): ``tap: stage3`` = ``taps: [stage3]``
+    tap: str | None = None
     ac_blocks: int = 2
 
     def validate(self) -> None:
@@ -135,12 +190,23 @@ class _DRGDSRBase(Method):
     def __init__(self, params: Any = None) -> None:
         super().__init__(params)
         self.params.validate()
+        #: the auxiliary classifier of the first tap (state-dict keys ``ac.*``)
         self.ac = None
+        #: the auxiliary classifiers of further taps (keys ``more_acs.<tap>.*``)
+        self.more_acs = nn.ModuleDict()
         self.taps: FeatureTaps | None = None
         #: sorted main-head logits of the previous step (detached), or None
         self.prev_sorted: Tensor | None = None
         self._device: torch.device | None = None
         self._is_setup = False
+
+    @property
+    def acs(self) -> dict[str, AuxiliaryClassifier]:
+        """Tap name -> its auxiliary classifier, in ``params.taps`` order (empty before setup)."""
+        if self.ac is None:
+            return {}
+        taps = self.params.taps
+        return {taps[0]: self.ac, **{t: self.more_acs[_key(t)] for t in taps[1:]}}
 
     # --- life cycle -------------------------------------------------------------------------
     def setup(self, model: nn.Module, ctx: MethodContext) -> None:
@@ -153,19 +219,23 @@ class _DRGDSRBase(Method):
                     f"of the previous batch and needs data.batch_size >= 2, got {batch_size}"
                 )
         if self.uses_drg:
-            tap = self.params.tap
+            taps = self.params.taps
             if self.taps is not None:
                 self.taps.remove()
-            self.taps = open_taps(self.name, model, [tap])
-            shape = tap_shapes(model, self.taps, ctx.input_shape)[tap]
-            channels, _, _ = spatial_shape(self.name, tap, shape)
-            self.ac = AuxiliaryClassifier(channels, ctx.num_classes, self.params.ac_blocks).to(
-                self._device
-            )
+            self.taps = open_taps(self.name, model, taps)
+            shapes = tap_shapes(model, self.taps, ctx.input_shape)
+            heads = {}
+            for tap in taps:
+                channels, _, _ = spatial_shape(self.name, tap, shapes[tap])
+                heads[tap] = AuxiliaryClassifier(
+                    channels, ctx.num_classes, self.params.ac_blocks
+                ).to(self._device)
+            self.ac = heads[taps[0]]
+            self.more_acs = nn.ModuleDict({_key(t): heads[t] for t in taps[1:]})
         self._is_setup = True
 
     def main_optimizer_modules(self) -> list[nn.Module]:
-        return [self.ac] if self.ac is not None else []
+        return list(self.acs.values())
 
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
         # nothing crosses epoch boundaries: the first step of an epoch skips L_SR
@@ -175,25 +245,38 @@ class _DRGDSRBase(Method):
         if not self._is_setup:
             raise RuntimeError(f"{type(self).__name__}.setup(model, ctx) must be called first")
         logits = model(batch.inputs)
-        ac_logits = None
+        ac_logits: dict[str, Tensor] = {}
         if self.uses_drg:
             assert self.taps is not None and self.ac is not None
-            feature = self.taps[self.params.tap]
+            features = {tap: self.taps[tap] for tap in self.params.taps}
             self.taps.clear()
-            ac_logits = self.ac(feature)
+            ac_logits = {tap: head(features[tap]) for tap, head in self.acs.items()}
         prev = None
         if self.uses_dsr and info.step > 0 and self.prev_sorted is not None:
             prev = self.prev_sorted.to(logits.device)
+        heads = list(ac_logits.items())
+        alpha = getattr(self.params, "alpha", 0.0)
+        tau_drg = getattr(self.params, "tau_drg", 1.0)
         loss, terms = drg_dsr_loss(
             logits,
             batch.targets,
-            ac_logits,
+            heads[0][1] if heads else None,
             prev,
-            alpha=getattr(self.params, "alpha", 0.0),
+            alpha=alpha,
             beta=getattr(self.params, "beta", 0.0),
-            tau_drg=getattr(self.params, "tau_drg", 1.0),
+            tau_drg=tau_drg,
             tau_dsr=getattr(self.params, "tau_dsr", 4.0),
         )
+        if len(heads) > 1:  # each further AC adds its CE and teaches the main head (eq. (8)-(10))
+            first = heads[0][0]
+            terms[f"ce_ac_{first}"], terms[f"rg_{first}"] = terms["ce_ac"], terms["rg"]
+            for tap, z_ac in heads[1:]:
+                ce_ac = F.cross_entropy(z_ac.float(), batch.targets)
+                rg = reverse_guidance_loss(logits, z_ac, tau_drg)
+                loss = loss + ce_ac + alpha * rg
+                terms[f"ce_ac_{tap}"], terms[f"rg_{tap}"] = ce_ac.detach(), rg.detach()
+                terms["ce_ac"] = terms["ce_ac"] + ce_ac.detach()
+                terms["rg"] = terms["rg"] + rg.detach()
         if self.uses_dsr and "sr" not in terms:
             terms["sr"] = torch.zeros((), device=logits.device)
         terms["loss"] = loss.detach()
