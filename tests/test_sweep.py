@@ -331,3 +331,68 @@ def test_interrupt_stops_the_sweep(tmp_path, tiny_dict, stop):
     with pytest.raises(type(error)):
         run_sweep(load_sweep(path).runs, train_fn=fake_train, log=lambda *_: None)
     assert calls == [("ce-s0", False), ("ce-s1", False)]
+
+
+def test_a_run_failing_before_its_folder_exists_is_recorded_and_reported(tmp_path, tiny_dict):
+    from selfkd.report.table import report
+    from selfkd.sweep import SWEEP_RECORD, read_failures
+
+    tiny_dict["train"]["epochs"] = 1
+    write_base(tmp_path, tiny_dict)
+    out = tmp_path / "runs"
+    path = write_sweep(
+        tmp_path,
+        {
+            "base": "base.yaml",
+            "name": "{dataset}-s{seed}",
+            "out_dir": str(out),
+            "grid": {"data.name": ["no-such-data", "synthetic"]},
+        },
+    )
+    assert main(["sweep", str(path)]) == 1
+    assert not (out / "no-such-data-s0").exists()  # it failed before its folder was made
+    record = read_failures(out / SWEEP_RECORD)
+    assert list(record) == ["no-such-data-s0"]
+    assert record["no-such-data-s0"]["error"].startswith("unknown dataset 'no-such-data'")
+    assert record["no-such-data-s0"]["config"]["data"]["name"] == "no-such-data"
+
+    text = report([out], cost=False)
+    rows = [x for x in text.splitlines() if x.startswith("| ce |")]
+    assert len(rows) == 2  # one per setting: both runs are listed
+    assert any(x.startswith("| ce | 0 (+1 failed) |") for x in rows)
+    assert any(x.startswith("| ce | 1 |") for x in rows)
+    failed = [x for x in text.splitlines() if x.startswith(f"- {out / 'no-such-data-s0'}: ")]
+    assert len(failed) == 1
+    assert "failed: unknown dataset 'no-such-data'" in failed[0]
+    assert failed[0].endswith("(recorded by the sweep)")
+
+
+def test_the_sweep_record_drops_a_run_once_it_succeeds(tmp_path, tiny_dict):
+    from selfkd.report.table import report
+    from selfkd.sweep import SWEEP_RECORD, read_failures
+
+    path = tiny_sweep(tmp_path, tiny_dict)
+    runs = load_sweep(path).runs[:2]
+    record = tmp_path / "runs" / SWEEP_RECORD
+
+    def fail_first(cfg, **kwargs):
+        if cfg.run.name == "ce-s0":
+            raise RuntimeError("disk on fire")
+
+    first = run_sweep(runs, train_fn=fail_first, log=lambda *_: None)
+    assert first.failed == [("ce-s0", "RuntimeError: disk on fire")]
+    assert list(read_failures(record)) == ["ce-s0"]
+    assert read_failures(record)["ce-s0"]["entry"] == runs[0].entry
+    second = run_sweep(runs, train_fn=lambda cfg, **kwargs: None, log=lambda *_: None)
+    assert second.ok and read_failures(record) == {}
+
+    # a corrupt record is listed as broken by the report and replaced by the next failure
+    record.write_text("{not json")
+    fake = tmp_path / "runs" / "ce-s1"
+    fake.mkdir()
+    (fake / "config.yaml").write_text(yaml.safe_dump(runs[1].config.to_dict()))
+    text = report([tmp_path / "runs"], cost=False)
+    assert f"- {record}: broken: sweep record is corrupt (not valid JSON: " in text
+    assert "| ce | 0 (+1 incomplete) |" in text
+    run_sweep(runs[:1], train_fn=fail_first, log=lambda *_: None)
+    assert list(read_failures(record)) == ["ce-s0"]

@@ -114,16 +114,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     import csv
+    import io
 
-    from selfkd.report.table import csv_rows, find_runs, group_runs, report
+    from selfkd.engine.checkpoint import atomic_write_text
+    from selfkd.errors import RunDirError
+    from selfkd.report.table import csv_rows, group_runs, report, scan_runs
 
-    print(report(args.runs, cost=not args.no_cost))
-    if args.csv:
-        rows = csv_rows(group_runs(find_runs(args.runs)))
-        with open(args.csv, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+    text = report(args.runs, cost=not args.no_cost, baseline=args.baseline)
+    if args.csv:  # built before anything is printed or written: a bad --baseline writes nothing
+        rows = csv_rows(group_runs(scan_runs(args.runs).runs), baseline=args.baseline)
+        buffer = io.StringIO()
+        if rows:
+            writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+        try:
+            atomic_write_text(Path(args.csv), buffer.getvalue())
+        except OSError as exc:
+            raise RunDirError(
+                f"cannot write --csv {args.csv} ({exc.strerror or exc}); choose a writable path"
+            ) from None
+    print(text)
     return 0
 
 
@@ -207,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories or folders holding runs")
     p.add_argument("--csv", help="also write the table as CSV to this file")
     p.add_argument("--no-cost", action="store_true", help="omit the cost table")
+    p.add_argument(
+        "--baseline",
+        metavar="METHOD",
+        help="add each method's paired difference to this one (same seeds): mean, 95%% "
+        "t-interval, seeds won",
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("plot", help="figures over runs: reliability, t-SNE, overlay, curves")

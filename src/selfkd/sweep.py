@@ -37,6 +37,11 @@ Running: finished runs (``final.json`` with status finished) are skipped, interr
 and the sweep goes on; Ctrl-C or SIGTERM stops the sweep (rerun the same command to
 continue). A per-run lock file lets several ``selfkd sweep`` processes share one sweep (a run
 locked by another process is skipped as ``busy``).
+
+Failed runs are recorded: a run can fail before its folder exists (an unknown dataset, a
+failing phase 1), so each failure is also written to ``<out_dir>/sweep-failures.json`` (the run's
+name, entry, error line and resolved config; under a lock, written atomically), and removed
+from it once the run finishes. ``selfkd report`` lists such runs as failed.
 """
 
 from __future__ import annotations
@@ -45,7 +50,9 @@ import contextlib
 import copy
 import fnmatch
 import itertools
+import json
 import string
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +74,8 @@ from selfkd.registry import close_matches
 SWEEP_KEYS = ("base", "config", "name", "out_dir", "grid", "set", "runs", "description")
 DEFAULT_NAME = "{dataset}-{model}-{method}-s{seed}"
 STATUSES = ("finished", "partial", "new")
+#: the file in each run.out_dir that lists the sweep's failed runs (see the module docstring)
+SWEEP_RECORD = "sweep-failures.json"
 
 
 @dataclass
@@ -419,6 +428,81 @@ def run_lock(path: Path) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _record_lock(record: Path) -> Iterator[None]:
+    """A blocking exclusive lock beside ``record`` (several sweep processes share it)."""
+    with open(record.parent / f".{record.name}.lock", "w") as handle:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no locking
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_failures(record: Path) -> dict[str, dict[str, Any]]:
+    """The failed runs a sweep record lists, by run name ({} when there is no record);
+    ValueError saying what is wrong when it cannot be read."""
+    record = Path(record)
+    try:
+        data = json.loads(record.read_text())
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"sweep record is corrupt (not valid JSON: {exc.msg} at line {exc.lineno})"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"sweep record cannot be read ({exc})") from None
+    runs = data.get("runs") if isinstance(data, dict) else None
+    if not isinstance(runs, dict):
+        raise ValueError("sweep record has no 'runs' mapping")
+    return {str(name): entry for name, entry in runs.items() if isinstance(entry, dict)}
+
+
+def update_failures(out_dir: Path, name: str, entry: dict[str, Any] | None) -> None:
+    """Record run ``name`` as failed (``entry``) or drop it (None) in ``out_dir``'s record."""
+    from selfkd.engine.checkpoint import atomic_write_text
+
+    record = Path(out_dir) / SWEEP_RECORD
+    if entry is None and not record.is_file():
+        return
+    record.parent.mkdir(parents=True, exist_ok=True)
+    with _record_lock(record):
+        try:
+            runs = read_failures(record)
+        except ValueError:
+            runs = {}  # an unreadable record is replaced by a readable one
+        if entry is None:
+            if name not in runs:
+                return
+            runs.pop(name)
+        else:
+            runs[name] = entry
+        text = json.dumps({"runs": runs}, indent=1, sort_keys=True, default=str) + "\n"
+        atomic_write_text(record, text)
+
+
+def _record_outcome(run: SweepRun, error: str | None, log: Callable[[str], Any], head: str) -> None:
+    """Write a failure (``error``) or a success (None) of ``run`` to its sweep record."""
+    entry = None
+    if error is not None:
+        entry = {
+            "error": error,
+            "entry": run.entry,
+            "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "config": run.config.to_dict(),
+        }
+    try:
+        update_failures(run.path.parent, run.name, entry)
+    except OSError as exc:
+        log(f"{head}: could not update {run.path.parent / SWEEP_RECORD}: {exc}")
+
+
 def _error_line(exc: BaseException) -> str:
     text = str(exc).strip()
     first = text.splitlines()[0] if text else ""
@@ -460,6 +544,7 @@ def run_sweep(
             elif status == "finished":
                 result.skipped.append(run.name)
                 log(f"{head}: finished, skipped")
+                _record_outcome(run, None, log, head)
             else:
                 resume = status == "partial"
                 fresh = not resume and RunDir(run.path).holds_run()  # started, no epoch saved
@@ -479,7 +564,9 @@ def run_sweep(
                     outcome, error = "failed", exc
                     result.failed.append((run.name, _error_line(exc)))
                     log(f"{head}: failed: {_error_line(exc)}")
+                    _record_outcome(run, _error_line(exc), log, head)
                 else:
+                    _record_outcome(run, None, log, head)
                     outcome = "resumed" if resume else "trained"
                     (result.resumed if resume else result.trained).append(run.name)
                     final = RunDir(run.path).read_final() or {}
