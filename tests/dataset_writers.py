@@ -241,7 +241,7 @@ def aircraft_tgz(variants: int = 3, per_split: int = 1) -> bytes:
     return tar_bytes(files)
 
 
-def caltech_zip(classes: int = 3, per_class: int = 3) -> bytes:
+def caltech_zip(classes: int = 3, per_class: int = 32) -> bytes:
     """``caltech-101.zip``: caltech-101/101_ObjectCategories.tar.gz (+ Annotations.tar)."""
     inner: Files = {}
     for c in range(classes):

@@ -154,6 +154,31 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_get(args: argparse.Namespace) -> int:
+    from selfkd.data import DATASETS
+    from selfkd.data.download import fetch_dataset, source
+
+    src = source(args.name)
+    folder = fetch_dataset(src.dataset, args.root, progress=sys.stderr.isatty())
+    raw = DATASETS.get(src.dataset)(args.root)  # read it back: the layout is what we read
+    print(
+        f"{src.title} in {folder}: {len(raw.train)} train / {len(raw.test)} test images, "
+        f"{raw.num_classes} classes; use it with --set data.name={src.dataset}"
+        + (f" --set data.root={args.root}" if args.root else "")
+    )
+    return 0
+
+
+def cmd_data_list(args: argparse.Namespace) -> int:
+    from selfkd.data.download import SOURCES
+
+    for name in SOURCES:
+        src = SOURCES[name]
+        files = ", ".join(r.filename for r in src.resources)
+        print(f"  {name:<15} {src.title}: {files} ({src.page})")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from selfkd.data import DATASETS
     from selfkd.methods import METHODS
@@ -255,6 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list methods, datasets and models")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("data", help="datasets: `selfkd data get NAME` downloads one")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("get", help="download a dataset (checksum-verified) and check it")
+    q.add_argument("name", help="dataset name, e.g. cifar100 (see `selfkd data list`)")
+    q.add_argument("--root", help="folder to put it in (data.root; default $SELFKD_DATA or ./data)")
+    q.set_defaults(func=cmd_data_get)
+    q = data_sub.add_parser("list", help="the downloadable datasets and their sources")
+    q.set_defaults(func=cmd_data_list)
     return parser
 
 

@@ -64,6 +64,8 @@ class DataConfig:
     drop_last: bool = False
     #: skip (and count) image files that cannot be decoded instead of stopping (file datasets)
     skip_corrupt: bool = False
+    #: download the dataset when it is absent (selfkd.data.download; `selfkd data get NAME`)
+    download: bool = False
     augment: dict[str, Any] = field(default_factory=dict)
     normalize: dict[str, Any] | None = None
     options: dict[str, Any] = field(default_factory=dict)

@@ -211,6 +211,7 @@ def build_data(
     world_size: int = 1,
     drop_last: bool = False,
     skip_corrupt: bool = False,
+    download: bool = False,
 ) -> DataBundle:
     """Load dataset ``name`` and build its loaders, subsets and batch transform.
 
@@ -218,11 +219,18 @@ def build_data(
     ``std`` (one value per channel, or one for all); ``options`` go to the dataset entry.
     ``seed`` drives the training order (see :class:`EpochLoader`), ``split_seed`` the subsets.
     ``skip_corrupt`` skips (and counts on the loaders) image files that cannot be decoded.
+    ``download`` fetches a dataset that is absent (:mod:`selfkd.data.download`).
     """
     canonical = DATASETS.canonical(name)
     if options is not None and not isinstance(options, Mapping):
         raise ConfigError(f"data.options must be a mapping, got {options!r}")
-    raw = DATASETS.get(canonical)(root, **dict(options or {}))
+    factory = DATASETS.get(canonical)
+    if download:
+        from selfkd.data.download import load_with_download
+
+        raw = load_with_download(canonical, root, lambda: factory(root, **dict(options or {})))
+    else:
+        raw = factory(root, **dict(options or {}))
     mean, std = _resolve_normalize(normalize, raw)
     spec = _resolve_augment(augment, raw)
 
@@ -371,4 +379,5 @@ def build_data_from_config(
         rank=rank,
         world_size=world_size,
         skip_corrupt=data.skip_corrupt,
+        download=getattr(data, "download", False),
     )
