@@ -117,8 +117,8 @@ def test_seeds_are_distinct_and_duplicates_split_or_warned(tmp_path):
     assert line.startswith("| ce | 2 (+1 duplicate) |") and cell in line
     a, b = tmp_path / "a-ce-s0", tmp_path / "b-ce-s0-again"
     assert (
-        f"ce: seed 0 has 2 finished runs that nothing recorded tells apart ({a}, {b}); "
-        f"the mean uses {a} only"
+        f"ce: seed 0 has 2 finished runs that nothing recorded about the run tells apart "
+        f"({a}, {b}); the mean uses {a} only"
     ) in text
     assert f"- {b}: duplicate of seed 0: the mean uses {a}" in text
 
@@ -198,3 +198,28 @@ def test_baseline_errors_are_one_line(tmp_path, capsys):
         "as a ce run in the same setting; paired differences need both methods trained on "
         "the same seeds\n"
     )
+
+
+def test_meta_section_and_download_flag_do_not_split_settings(tmp_path):
+    for seed, (host, download) in enumerate([("a", False), ("b", True)]):
+        run = fake_run(tmp_path, f"ce-{seed}", {"name": "ce"}, seed, 10.0 + seed)
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["meta"] = {"host": host, "git_commit": f"c{seed}", "world_size": 1}
+        config["data"]["download"] = download
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+    settings = group_runs(find_runs([tmp_path]))
+    assert len(settings) == 1
+    ((groups),) = settings.values()
+    assert [(g.label, len(g.runs)) for g in groups] == [("ce", 2)]
+    # the same seed twice, from two commits: one run is kept, the warning says what differs
+    run = fake_run(tmp_path, "ce-0-later", {"name": "ce"}, 0, 11.0)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["meta"] = {"host": "a", "git_commit": "c9", "world_size": 1}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    text = report([tmp_path], cost=False)
+    first, later = tmp_path / "ce-0", tmp_path / "ce-0-later"
+    assert "| ce | 2 (+1 duplicate) |" in text
+    assert (
+        "ce: seed 0 has 2 finished runs that nothing recorded about the run tells apart (they "
+        f"differ only in git_commit) ({first}, {later}); the mean uses {first} only"
+    ) in text

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,23 @@ TEACHER_PARAMS = ("superior", "teacher")
 CONFIG_SECTIONS = ("run", "data", "model", "train")
 #: run.* keys that say where a run lives or how it logs, not what it computes: never a reason
 #: to tell two runs of one seed apart
-LOCATION_KEYS = ("name", "out_dir", "seed", "progress", "tensorboard", "loggers", "log_every")
-#: final.json keys that may tell two runs of one seed apart
-FINAL_META_KEYS = ("world_size",)
+LOCATION_KEYS = (
+    "name",
+    "out_dir",
+    "seed",
+    "progress",
+    "tensorboard",
+    "loggers",
+    "project",
+    "log_every",
+)
+#: data.* keys that cannot change a result: never part of a setting
+DATA_NOT_SHAPING = ("download",)
+#: how a run ran (config.yaml's ``meta`` section, also in final.json): tells two runs of one
+#: seed apart (each value gets its own row), never part of a setting
+META_SPLIT_KEYS = ("world_size", "device_name", "device_count")
+#: where the code came from: named in the warning about two runs of one seed, not split by
+META_PROVENANCE_KEYS = ("selfkd", "git_commit", "host", "torch", "python")
 
 
 @dataclass
@@ -246,16 +261,21 @@ def normalized_config(raw: dict[str, Any]) -> dict[str, Any]:
     from selfkd.config import config_from_dict
 
     try:
-        full = config_from_dict({k: v for k, v in raw.items() if k != "method"}).to_dict()
+        sections = {k: v for k, v in raw.items() if k not in ("method", "meta")}
+        full = config_from_dict(sections).to_dict()
     except (ConfigError, TypeError, ValueError, AttributeError):
         return raw
     full["method"] = raw.get("method") or {}
+    if "meta" in raw:
+        full["meta"] = raw["meta"]
     return full
 
 
 def setting_key(config: dict[str, Any]) -> str:
     """A readable summary + hash of everything but the method, seed and run location."""
-    shaping = {k: v for k, v in config.items() if k not in ("method", "run")}
+    shaping = {k: v for k, v in config.items() if k not in ("method", "run", "meta")}
+    if isinstance(shaping.get("data"), dict):
+        shaping["data"] = {k: v for k, v in shaping["data"].items() if k not in DATA_NOT_SHAPING}
     run = {
         k: v
         for k, v in (config.get("run") or {}).items()
@@ -290,18 +310,36 @@ def method_label(method: dict[str, Any]) -> str:
     return f"{name} ({', '.join(diffs)})" if diffs else str(name)
 
 
+def _meta(run: Run, keys: tuple[str, ...]) -> dict[str, str]:
+    meta = run.config.get("meta") if isinstance(run.config.get("meta"), dict) else {}
+    meta = {**meta, **{k: v for k, v in (run.final or {}).items() if k in keys}}
+    return {k: json.dumps(meta[k], default=str) for k in keys if k in meta}
+
+
 def _variant(run: Run) -> dict[str, str]:
-    """What may tell two runs of one seed apart: run.* keys (not where the run lives) and
-    final.json metadata such as the world size."""
+    """What tells two runs of one seed apart: run.* keys (not where the run lives or how it
+    logs) and how it ran (world size, devices), each JSON-encoded."""
     out = {
         k: json.dumps(v, sort_keys=True, default=str)
         for k, v in (run.config.get("run") or {}).items()
         if k not in LOCATION_KEYS
     }
-    for key in FINAL_META_KEYS:
-        if key in (run.final or {}):
-            out[key] = json.dumps((run.final or {})[key], default=str)
-    return out
+    return {**out, **_meta(run, META_SPLIT_KEYS)}
+
+
+def _differing(runs: list[Run], encode: Callable[[Run], dict[str, str]]) -> list[str]:
+    """The keys whose encoded values are not the same for all of ``runs``."""
+    codes = [encode(r) for r in runs]
+    keys = {k for c in codes for k in c}
+    return sorted(k for k in keys if len({c.get(k) for c in codes}) > 1)
+
+
+def _shown(encoded: str | None) -> str:
+    """A value as :func:`_variant` encoded it, for a label (``?`` when not recorded)."""
+    if encoded is None:
+        return "?"
+    value = json.loads(encoded)
+    return value if isinstance(value, str) else encoded
 
 
 def _split_duplicate_seeds(group: Group) -> tuple[list[Group], list[str]]:
@@ -322,20 +360,11 @@ def _split_duplicate_seeds(group: Group) -> tuple[list[Group], list[str]]:
     if not dups:
         return [group], []
     variants = {id(r): _variant(r) for r in group.runs}
-    keys = sorted(
-        {
-            key
-            for same in dups.values()
-            for key in {k for r in same for k in variants[id(r)]}
-            if len({variants[id(r)].get(key) for r in same}) > 1
-        }
-    )
+    keys = sorted({k for same in dups.values() for k in _differing(same, _variant)})
     parts: dict[tuple[str | None, ...], Group] = {}
     for run in group.runs:
         values = tuple(variants[id(run)].get(k) for k in keys)
-        shown = ", ".join(
-            f"{k}={'?' if v is None else v}" for k, v in zip(keys, values, strict=True)
-        )
+        shown = ", ".join(f"{k}={_shown(v)}" for k, v in zip(keys, values, strict=True))
         parts.setdefault(values, Group(f"{group.label} [{shown}]" if keys else group.label))
         parts[values].runs.append(run)
     warnings = []
@@ -348,10 +377,12 @@ def _split_duplicate_seeds(group: Group) -> tuple[list[Group], list[str]]:
         for seed, same in finished_by_seed(part.runs).items():
             for other in same[1:]:
                 other.duplicate_of = same[0].path
+            origin = _differing(same, lambda r: _meta(r, META_PROVENANCE_KEYS))
             warnings.append(
                 f"{part.label}: seed {json.loads(seed)} has {len(same)} finished runs that "
-                f"nothing recorded tells apart ({', '.join(str(r.path) for r in same)}); "
-                f"the mean uses {same[0].path} only"
+                f"nothing recorded about the run tells apart"
+                + (f" (they differ only in {', '.join(origin)})" if origin else "")
+                + f" ({', '.join(str(r.path) for r in same)}); the mean uses {same[0].path} only"
             )
     return list(parts.values()), warnings
 
