@@ -561,6 +561,16 @@ class Trainer:
         self._save(self.run.last, self.run.last_previous)
 
     def _save(self, path: Path, keep_previous: Path | None = None) -> None:
+        if not self._weights_finite():  # a step with a finite loss can still blow them up
+            when = (
+                f"after epoch {self.epoch}"
+                if self.step_in_epoch == 0
+                else f"at epoch {self.epoch + 1}, step {self.step_in_epoch}"
+            )
+            self._raise_nonfinite(
+                f"the model's weights are no longer finite {when} (a step whose loss was still "
+                f"finite blew them up); {path.name} was not written"
+            )
         payload = self.checkpoint_payload()
         if self.is_main:
             ckpt.save_checkpoint(path, payload, keep_previous)
