@@ -34,7 +34,6 @@ from selfkd.methods.base import (
     parse_params,
 )
 
-
 #: per-epoch diagnostics (method.diagnostics, on by default): output statistics of the student
 #: and the superior, and L_A's pull on the student's logits
 STATS = {f"{who}_{stat}" for who in ("student", "superior")
@@ -398,3 +397,303 @@ def test_snapshot_source() -> None:
     late.setup(tiny(0), ctx)
     for a, b in zip(snapshot.parameters(), late.snapshot.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+# --- diagnostics (issue: how L_A moves the student) ---------------------------------------------
+def np_softmax(z: np.ndarray) -> np.ndarray:
+    return np.exp(np_log_softmax(z))
+
+
+def critic_grad(critic: nn.Module, z: np.ndarray) -> np.ndarray:
+    """∂(−mean D(z))/∂z by autograd on a copy of the critic in eval mode (reference)."""
+    critic = copy.deepcopy(critic).eval()
+    x = torch.tensor(z, dtype=torch.float32, requires_grad=True)
+    (-critic(x).mean()).backward()
+    return x.grad.double().numpy()
+
+
+def test_diagnostics_match_hand_values() -> None:
+    method, student, superior = make({"critic_norm": "layernorm"})
+    s, sup = np_logits(student, IDX), np_logits(superior, IDX)
+    y = LABELS[IDX].numpy()
+    out = method.training_step(student, batch(IDX), info())
+    t = {k: v.item() for k, v in out.terms.items()}
+    for who, z in (("student", s), ("superior", sup)):
+        centred = z - z.mean(axis=1, keepdims=True)
+        assert t[f"{who}_logit_norm"] == pytest.approx(np.linalg.norm(z, axis=1).mean(), rel=1e-5)
+        assert t[f"{who}_logit_cnorm"] == pytest.approx(
+            np.linalg.norm(centred, axis=1).mean(), rel=1e-5
+        )
+        assert t[f"{who}_max_prob"] == pytest.approx(np_softmax(z).max(axis=1).mean(), rel=1e-5)
+    g_a = critic_grad(method.critic, s)  # the critic after its update scores L_A
+    g_ce = np_softmax(s)
+    g_ce[np.arange(len(y)), y] -= 1.0
+    g_ce /= len(y)
+    n_a, n_ce = np.linalg.norm(g_a), np.linalg.norm(g_ce)
+    assert t["adv_grad_ratio"] == pytest.approx(0.1 * n_a / (0.6 * n_ce), rel=1e-4)
+    assert t["adv_ce_cos"] == pytest.approx((g_a * g_ce).sum() / (n_a * n_ce), rel=1e-4, abs=1e-6)
+    centred = s - s.mean(axis=1, keepdims=True)
+    radial = -(g_a * centred).sum() / (n_a * np.linalg.norm(centred))
+    assert t["adv_radial"] == pytest.approx(radial, rel=1e-4, abs=1e-6)
+    share = (g_a.mean(axis=1) ** 2).sum() * K / n_a**2
+    assert t["adv_offset_share"] == pytest.approx(share, rel=1e-4, abs=1e-6)
+
+
+def test_probs_critic_has_no_gradient_along_the_softmax_invariant_shift() -> None:
+    method, student, _ = make({"critic_input": "probs"})
+    out = method.training_step(student, batch(IDX), info())
+    assert out.terms["adv_offset_share"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def student_grads(params: dict, seed: int = 5) -> tuple[dict, list[torch.Tensor]]:
+    torch.manual_seed(seed)  # the critic's initialization and the gradient penalty's ε
+    method, student, _ = make(params)
+    out = method.training_step(student, batch(IDX), info())
+    out.loss.backward()
+    return out.terms, [p.grad.clone() for p in student.parameters()]
+
+
+def test_diagnostics_change_no_value_and_no_gradient() -> None:
+    on, grads_on = student_grads({})
+    off, grads_off = student_grads({"diagnostics": False})
+    assert set(off) == {
+        "ce", "guide", "progressive", "adversarial",
+        "critic_loss", "critic_wdist", "critic_gp", "adv_skipped", "loss",
+    }  # fmt: skip
+    assert set(on) == set(off) | STATS | ADV_STATS
+    for key in off:
+        assert torch.equal(on[key], off[key]), key
+    for a, b in zip(grads_on, grads_off, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_diagnostics_make_no_host_read() -> None:
+    from selfkd.engine.hostsync import count_host_reads
+
+    method, student, _ = make()
+    with count_host_reads() as reads:
+        method.training_step(student, batch(IDX), info())
+    assert reads.count == 0, reads.sites
+
+
+# --- switches: each changes what it names and nothing else -------------------------------------
+def same_except(a: dict, b: dict, changed: set[str]) -> None:
+    """Terms of two steps from the same start: equal but for ``changed`` (which must differ)."""
+    assert set(a) == set(b)
+    for key in a:
+        if key in changed:
+            assert not torch.equal(a[key], b[key]), key
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_critic_bn_mode_batch_scores_the_student_with_its_own_statistics() -> None:
+    running, _ = student_grads({})
+    torch.manual_seed(5)
+    method, student, _ = make({"critic_bn_mode": "batch"})
+    out = method.training_step(student, batch(IDX), info())
+    s = torch.tensor(np_logits(student, IDX), dtype=torch.float32)
+    ref = copy.deepcopy(method.critic).train()  # train-mode BN: the batch's statistics
+    buffers = {k: v.clone() for k, v in method.critic.state_dict().items()}
+    with torch.no_grad():
+        assert out.terms["adversarial"].item() == pytest.approx(-ref(s).mean().item(), rel=1e-5)
+    # scoring did not touch the running statistics, which the critic update alone wrote
+    for k, v in method.critic.state_dict().items():
+        assert torch.equal(v, buffers[k]), k
+    changed = {"adversarial", "loss"} | ADV_STATS
+    same_except(running, out.terms, changed)
+    torch.manual_seed(5)
+    fresh, fresh_student, _ = make({})
+    fresh.training_step(fresh_student, batch(IDX), info())
+    pairs = zip(method.critic.state_dict().items(), fresh.critic.state_dict().values(), strict=True)
+    for (k, a), b in pairs:
+        assert torch.equal(a, b), k  # the same critic update in both modes
+
+
+def test_critic_bn_mode_batch_without_batchnorm_changes_nothing() -> None:
+    a, ga = student_grads({"critic_norm": "layernorm"})
+    b, gb = student_grads({"critic_norm": "layernorm", "critic_bn_mode": "batch"})
+    same_except(a, b, set())
+    assert all(torch.equal(x, y) for x, y in zip(ga, gb, strict=True))
+
+
+def test_log_probs_critic_input() -> None:
+    torch.manual_seed(5)
+    method, student, _ = make({"critic_input": "log_probs", "critic_norm": "none"})
+    seen: list[torch.Tensor] = []
+    method.critic.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    out = method.training_step(student, batch(IDX), info())
+    assert len(seen) == 2  # one critic update (real, fake, interpolates), one L_A scoring
+    n = len(IDX)
+    for x in (seen[0][: 2 * n], seen[1]):  # interpolates of log-probs are not log-probs
+        torch.testing.assert_close(x.logsumexp(dim=1), torch.zeros(x.shape[0]))
+    s = np_logits(student, IDX)
+    critic = copy.deepcopy(method.critic).eval()
+    with torch.no_grad():
+        ref = -critic(torch.tensor(np_log_softmax(s), dtype=torch.float32)).mean().item()
+    assert out.terms["adversarial"].item() == pytest.approx(ref, rel=1e-5, abs=1e-6)
+    base, _ = student_grads({"critic_norm": "none"})
+    for key in ("ce", "guide", "progressive", *sorted(STATS)):
+        assert torch.equal(out.terms[key], base[key]), key
+
+
+def test_critic_head_mean_is_the_papers_fc32_averaged() -> None:
+    from selfkd.methods.critic import Critic
+
+    critic = Critic(K, [64, 32], "batchnorm", head="mean")
+    kinds = [type(m).__name__ for m in critic.net]
+    assert kinds == ["Linear", "BatchNorm1d", "LeakyReLU", "Linear"]
+    assert critic.net[-1].out_features == 32
+    x = torch.randn(6, K)
+    critic.eval()
+    with torch.no_grad():
+        assert torch.allclose(critic(x), critic.net(x).mean(dim=1))
+    linear = Critic(K, [64, 32], "batchnorm")
+    kinds = [type(m).__name__ for m in linear.net]
+    assert kinds == ["Linear", "BatchNorm1d", "LeakyReLU", "Linear", "LeakyReLU", "Linear"]
+    assert linear.net[-1].out_features == 1
+    method, student, _ = make({"critic_head": "mean"})
+    assert method.critic.head == "mean"
+    out = method.training_step(student, batch(IDX), info())
+    assert torch.isfinite(out.loss)
+    with pytest.raises(ConfigError, match="two or more"):
+        parse_params(AIKD, {"critic_head": "mean", "critic_hidden": [64]})
+
+
+def test_critic_schedule_wgan_gp_values() -> None:
+    torch.manual_seed(5)
+    method, student, _ = make({"n_critic": 5, "critic_betas": [0.0, 0.9]})
+    assert method.critic_optimizer.param_groups[0]["betas"] == (0.0, 0.9)
+    assert method.critic_optimizer.param_groups[0]["lr"] == 1e-4
+    out = method.training_step(student, batch(IDX), info())
+    state = method.critic_optimizer.state_dict()["state"]
+    assert all(int(s["step"]) == 5 for s in state.values())
+    default, _ = student_grads({})
+    for key in ("ce", "guide", "progressive", *sorted(STATS)):
+        assert torch.equal(out.terms[key], default[key]), key
+
+
+def warm(params: dict, epochs: int = 4):
+    """(method, student) set up in a toy run of ``epochs`` epochs of 2 steps."""
+    loaded: list[nn.Module] = []
+    method = AIKD(parse_params(AIKD, {"superior": "phase1.pt", **params}))
+    student = tiny(0)
+    method.setup(student, toy_ctx(phase1_loader(loaded), epochs=epochs))
+    method.train()
+    return method, student
+
+
+def test_omega_warmup_schedule_by_hand() -> None:
+    # 4 epochs x 2 steps = 8 steps; L_A from epoch 1 (step 2), ramp over 0.5 x 8 = 4 steps
+    method, _ = warm({"omega_start_epoch": 1, "omega_warmup": 0.5})
+    got = [method.omega_at(t) for t in range(8)]
+    assert got == pytest.approx([0.0, 0.0, 0.0, 0.025, 0.05, 0.075, 0.1, 0.1])
+    method, _ = warm({"omega_warmup": 0.25})
+    assert [method.omega_at(t) for t in range(4)] == pytest.approx([0.0, 0.05, 0.1, 0.1])
+    method, _ = warm({})
+    assert [method.omega_at(t) for t in range(8)] == [0.1] * 8
+
+
+def test_omega_warmup_step_uses_the_effective_weight() -> None:
+    method, student = warm({"omega_start_epoch": 1, "omega_warmup": 0.5, "critic_norm": "none"})
+    for i, (step, omega) in enumerate(((0, 0.0), (3, 0.025), (7, 0.1))):
+        out = method.training_step(student, batch(IDX), info(step))
+        t = {k: v.item() for k, v in out.terms.items()}
+        assert t["omega_eff"] == pytest.approx(omega)
+        total = 0.6 * t["ce"] + 0.1 * t["guide"] + 0.3 * t["progressive"]
+        total += omega * t["adversarial"]
+        assert out.loss.item() == pytest.approx(total, rel=1e-6)
+        assert (t["adv_grad_ratio"] == 0.0) == (omega == 0.0)
+        # the critic trains during the warm-up too: one Adam step per student step
+        counts = {int(s["step"]) for s in method.critic_optimizer.state.values()}
+        assert counts == {i + 1}
+    # no warm-up configured: no omega_eff term
+    method, student = warm({})
+    assert "omega_eff" not in method.training_step(student, batch(IDX), info()).terms
+
+
+def test_epoch_zero_without_adversarial_gives_the_no_adv_gradient() -> None:
+    method, student = warm({"omega_start_epoch": 1})
+    out = method.training_step(student, batch(IDX), info(0))
+    out.loss.backward()
+    no_adv, student_b = warm({"ablation": "no_adv"})
+    out_b = no_adv.training_step(student_b, batch(IDX), info(0))
+    out_b.loss.backward()
+    assert out.loss.item() == pytest.approx(out_b.loss.item(), rel=1e-6)
+    for a, b in zip(student.parameters(), student_b.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("params", "epochs", "message"),
+    [
+        ({"omega_warmup": 1.5}, 4, "method.omega_warmup is a fraction of the training steps and "
+         "must be in [0, 1] (a warm-up longer than the run is refused), got 1.5"),
+        ({"omega_start_epoch": 4}, 4, "method.omega_start_epoch 4 leaves no epoch with L_A in a "
+         "run of 4 epochs; choose a value below 4"),
+        ({"omega_start_epoch": 2, "omega_warmup": 0.75}, 4, "the warm-up of omega (start at "
+         "epoch 2, ramp over 0.75 of the run) ends after the run's last step (8 steps); lower "
+         "method.omega_warmup or method.omega_start_epoch"),
+    ],
+)  # fmt: skip
+def test_warmup_longer_than_the_run_is_refused(params, epochs, message) -> None:
+    with pytest.raises(ConfigError) as exc:
+        warm(params, epochs=epochs)
+    assert str(exc.value) == message
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "choices"),
+    [
+        ("critic_bn_mode", "train", "running, batch"),
+        ("critic_input", "logprobs", "logits, probs, log_probs"),
+        ("critic_head", "fc32", "linear, mean"),
+    ],
+)
+def test_unknown_switch_value_names_the_choices(key, value, choices) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_params(AIKD, {key: value})
+    assert str(exc.value) == f"method.{key} must be one of {choices}, got {value!r}"
+
+
+def test_unknown_switch_value_from_the_cli_is_one_line(tmp_path, capsys) -> None:
+    import yaml
+
+    from helpers import TINY
+    from selfkd.cli import main
+
+    data = copy.deepcopy(TINY)
+    data["run"]["out_dir"] = str(tmp_path)
+    data["method"] = {"name": "aikd", "critic_head": "fc32"}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["train", "-c", str(path), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: method.critic_head must be one of linear, mean, got 'fc32'"]
+    assert not any(tmp_path.glob("_phase1/*"))  # refused before phase 1 trains
+
+
+# --- the superior's seed -----------------------------------------------------------------------
+def test_superior_seed_trains_phase1_with_another_seed() -> None:
+    from helpers import TINY
+    from selfkd.config import config_from_dict
+    from selfkd.engine.runner import phase1_config, phase1_key
+
+    def phase1(method: dict):
+        data = copy.deepcopy(TINY)
+        data["run"]["seed"] = 3
+        data["method"] = method
+        return phase1_config(config_from_dict(data))
+
+    own = phase1({"name": "aikd"})
+    other = phase1({"name": "aikd", "superior_seed": 11})
+    ce = phase1({"name": "tfkd_self"})
+    assert own.run.seed == 3 and other.run.seed == 11 and ce.run.seed == 3
+    assert "-seed11-" in other.run.name and "-seed3-" in own.run.name
+    assert phase1_key(own) == phase1_key(ce) != phase1_key(other)
+    # the independent superior is the one the same-seed student of seed 11 would use
+    assert other.run.name == phase1({"name": "aikd", "superior_seed": None}).run.name.replace(
+        "seed3", "seed11"
+    ).replace(phase1_key(own), phase1_key(other))
+    with pytest.raises(ConfigError, match="superior_seed"):
+        parse_params(AIKD, {"superior_seed": -1})
