@@ -2,7 +2,8 @@
 
 Methods that learn from a trained model of the same architecture (AI-KD's superior model,
 TF-KD-self's teacher) name that parameter in ``Method.teacher_param``. When its value is
-``auto``, phase 1 is a plain cross-entropy run with the same data, model, schedule and seed; it
+``auto``, phase 1 is a plain cross-entropy run with the same data, model, schedule and seed
+(or the seed ``Method.teacher_seed`` names, e.g. AI-KD's ``superior_seed``); it
 lives in ``<out_dir>/_phase1/<key>``, where ``key`` hashes everything that shapes it, so every
 method and every later run with the same setting reuses one finished phase-1 run (an interrupted
 one is resumed). The teacher is the phase-1 model after its last epoch (no test-set selection).
@@ -35,8 +36,9 @@ def phase1_config(cfg: Config) -> Config:
     """The plain-CE config whose trained model serves as teacher/superior for ``cfg``."""
     phase1 = cfg.copy()
     phase1.method = {"name": "ce"}
+    phase1.run.seed = build_method(cfg.method).teacher_seed(cfg.run.seed)
     key = phase1_key(phase1)
-    phase1.run.name = f"{cfg.data.name}-{cfg.model.name}-seed{cfg.run.seed}-{key}"
+    phase1.run.name = f"{cfg.data.name}-{cfg.model.name}-seed{phase1.run.seed}-{key}"
     phase1.run.out_dir = str(Path(cfg.run.out_dir) / PHASE1_DIR)
     phase1.run.tensorboard = False
     return phase1
