@@ -12,6 +12,7 @@ cosine schedule, so the epochs already trained would not belong to the new sched
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 #: top-level sections that record the environment (versions, host, ...), not a setting
@@ -53,10 +54,14 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(
-    trained: dict[str, Any], now: dict[str, Any], defaults: dict[str, Any] | None = None
+    trained: dict[str, Any],
+    now: dict[str, Any],
+    defaults: dict[str, Any] | None = None,
+    may_change: Collection[str] = (),
 ) -> list[tuple[str, Any, Any]]:
-    """``(key, trained_value, new_value)`` for every key outside :data:`RESUME_MAY_CHANGE` that
-    differs between the resolved config a checkpoint was trained with and this run's.
+    """``(key, trained_value, new_value)`` for every key outside :data:`RESUME_MAY_CHANGE` (and
+    ``may_change``) that differs between the resolved config a checkpoint was trained with and
+    this run's.
 
     A key the checkpoint's config lacks (added in a later version) counts as its value in
     ``defaults`` (a resolved config of defaults), so older checkpoints stay resumable.
@@ -67,7 +72,7 @@ def config_differences(
     )
     found = []
     for key in [*new, *(k for k in old if k not in new)]:
-        if key in RESUME_MAY_CHANGE:
+        if key in RESUME_MAY_CHANGE or key in may_change:
             continue
         before, after = old.get(key, _MISSING), new.get(key, _MISSING)
         if before is _MISSING:

@@ -16,13 +16,14 @@ resume or train; the others follow its decision (broadcast), and only rank 0 pri
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from selfkd.config import Config
+from selfkd.config import Config, RunConfig
 from selfkd.engine import distributed as D
 from selfkd.engine.rundir import RunDir, check_resumable
 from selfkd.engine.trainer import Trainer
@@ -54,6 +55,15 @@ LATER_KEYS: dict[str, dict[str, Any]] = {
 }
 #: keys that do not change what phase 1 learns
 IGNORED_KEYS: dict[str, tuple[str, ...]] = {"data": ("workers",), "model": (), "train": ()}
+
+
+#: the run.* keys phase1_key leaves out: phase-1 runs are shared by runs that differ in them,
+#: so resuming an interrupted phase 1 may change them too
+PHASE1_UNHASHED: frozenset[str] = frozenset(
+    f"run.{f.name}"
+    for f in dataclasses.fields(RunConfig)
+    if f.name not in ("seed", "deterministic", "amp")
+) | frozenset(f"{section}.{key}" for section, keys in IGNORED_KEYS.items() for key in keys)
 
 
 def phase1_key(phase1: Config) -> str:
@@ -132,7 +142,13 @@ def resolve_teacher(
             verb = "resuming" if resume else "training"
             if main:
                 log(f"phase 1: {verb} the plain-CE model in {run.path}")
-            Trainer(phase1, resume=resume, overwrite=not resume, quiet=quiet).fit()
+            Trainer(
+                phase1,
+                resume=resume,
+                overwrite=not resume,
+                quiet=quiet,
+                resume_may_change=PHASE1_UNHASHED,
+            ).fit()
         D.barrier()  # rank 0 has written the phase-1 checkpoint before anyone reads it
     setattr(method.params, param, str(run.last))
     return str(run.last)

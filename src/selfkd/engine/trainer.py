@@ -60,7 +60,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -245,9 +245,12 @@ class Trainer:
         overwrite: bool = False,
         quiet: bool = False,
         callbacks: Sequence[Callback] = (),
+        resume_may_change: Collection[str] = (),
     ) -> None:
         self.cfg = cfg
         self.resume = resume
+        #: config keys a resume may change besides RESUME_MAY_CHANGE (e.g. for a phase-1 run)
+        self.resume_may_change = frozenset(resume_may_change)
         self.callbacks = list(callbacks)
         if cfg.run.threads is not None:
             torch.set_num_threads(cfg.run.threads)
@@ -504,7 +507,9 @@ class Trainer:
         defaults = Config().to_dict()
         with contextlib.suppress(SelfKDError, TypeError, ValueError):
             defaults["method"] = build_method({"name": self.method.name}).describe()
-        found = config_differences(trained, self.resolved_config(), defaults)
+        found = config_differences(
+            trained, self.resolved_config(), defaults, may_change=self.resume_may_change
+        )
         if found:
             raise ConfigError(
                 f"cannot resume {self.run.path}: its checkpoint was trained with another "
