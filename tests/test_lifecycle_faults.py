@@ -288,3 +288,20 @@ def test_no_checkpoint_holds_weights_that_diverged_on_a_finite_step(tiny_dict, n
     run = Path(tiny_dict["run"]["out_dir"]) / "tiny"
     assert not (run / "checkpoints" / "last.pt").exists()
     assert read_final(run)["status"] == "failed"
+
+
+def test_an_io_error_no_writer_expected_is_one_line(tiny_dict, tmp_path, capsys, monkeypatch):
+    """A raw OSError from anywhere in training (here: the method, as a failing disk read
+    would): exit 2 with one line naming it, the run recorded as failed."""
+    ce = METHODS.get("ce")
+
+    def failing_step(self, model, batch, info):
+        raise OSError(errno.EIO, "Input/output error", "/data/img_7.png")
+
+    monkeypatch.setattr(ce, "training_step", failing_step)
+    config = write_config(tmp_path / "c.yaml", tiny_dict)
+    assert main(["train", "-c", str(config), "-q"]) == 2
+    err = one_line_error(capsys)
+    run = Path(tiny_dict["run"]["out_dir"]) / "tiny"
+    assert f"Input/output error (/data/img_7.png) while training {run}" in err, err
+    assert read_final(run)["status"] == "failed"
