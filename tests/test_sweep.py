@@ -41,6 +41,7 @@ EXPECTED = {
     "cpu/fmnist_methods.yaml": 33,
     "cpu/fmnist_comparison.yaml": 54,
     "cpu/fmnist_bank_precision.yaml": 12,
+    "cpu/fmnist_stack.yaml": 9,
 }
 
 
