@@ -39,7 +39,14 @@ class RunConfig:
     sync_bn: bool = False  # SyncBatchNorm under DDP (CUDA only)
     threads: int | None = None  # CPU threads for torch (None = torch's default)
     progress: str = "auto"  # auto (bar on a terminal, off in CI) | bar | off
-    tensorboard: bool = False
+    tensorboard: bool = False  # the same as listing tensorboard in run.loggers
+    #: experiment trackers (selfkd.engine.loggers): csv (always on), tensorboard, wandb, mlflow
+    loggers: list[str] = field(default_factory=lambda: ["csv"])
+    #: W&B project / MLflow experiment name (other settings: the clients' own WANDB_* and
+    #: MLFLOW_* environment variables)
+    project: str = "selfkd"
+    #: without a progress bar, log a line every N training steps (0 = only one line per epoch)
+    log_every: int = 0
     best_metric: str = "top1_err"
     eval_every: int = 1
     nonfinite: str = "stop"  # stop | skip: what a NaN/Inf loss does
@@ -97,6 +104,12 @@ class TrainConfig:
     warmup_epochs: float = 0
     grad_clip: float | None = None
 
+
+#: the section a run's config.yaml records its environment in (versions, git commit, host,
+#: devices, world size; selfkd.engine.runinfo); read back as information, ignored as a setting
+META = "meta"
+#: the experiment trackers run.loggers may name (selfkd.engine.loggers)
+LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
 
 SECTIONS: dict[str, type] = {
     "run": RunConfig,
@@ -239,6 +252,7 @@ def validate_values(cfg: Config) -> None:
         (cfg.data.val_size >= 0, "data.val_size must be >= 0 (a count or a fraction)"),
         (cfg.run.eval_every >= 1, "run.eval_every must be at least 1"),
         (cfg.run.check_every >= 1, "run.check_every must be at least 1"),
+        (cfg.run.log_every >= 0, "run.log_every must be >= 0 (0 = one line per epoch)"),
         (cfg.run.threads is None or cfg.run.threads >= 1, "run.threads must be at least 1"),
         (bool(cfg.run.name.strip()), "run.name must not be empty"),
     ]
@@ -247,6 +261,12 @@ def validate_values(cfg: Config) -> None:
             raise ConfigError(message)
     if cfg.train.schedule == "multistep" and sorted(cfg.train.milestones) != cfg.train.milestones:
         raise ConfigError("train.milestones must be increasing, e.g. [150, 225]")
+    for name in cfg.run.loggers:
+        if name not in LOGGERS:
+            raise ConfigError(
+                f"run.loggers: unknown logger {name!r}{close_matches(str(name), list(LOGGERS))}; "
+                f"choose from {', '.join(LOGGERS)}"
+            )
     if "/" in cfg.run.name or cfg.run.name in (".", ".."):
         raise ConfigError(f"run.name {cfg.run.name!r} must be a plain name, not a path")
     _validate_run(cfg.run)
@@ -300,7 +320,7 @@ def config_from_dict(data: Any) -> Config:
         )
     sections = [*SECTIONS, "method"]
     for key in data:
-        if key not in sections:
+        if key not in sections and key != META:
             raise ConfigError(
                 f"unknown config section {key!r}{close_matches(str(key), sections)}; "
                 f"valid sections: {', '.join(sections)}"
@@ -416,7 +436,18 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or defaults when ``path`` is None) and apply ``--set`` overrides."""
+    """Load a YAML config (or defaults when ``path`` is None) and apply ``--set`` overrides.
+
+    ``path`` is a file or the name of a shipped config (``fashion_mnist/ce``; selfkd.shipped).
+    """
+    if path is not None:
+        from selfkd.shipped import is_sweep, resolve_config
+
+        path = resolve_config(path)
+        if is_sweep(load_yaml_file(path, "config")):
+            raise ConfigError(
+                f"{path} is a sweep file (it has grid: or runs:); run it with `selfkd sweep`"
+            )
     data = read_yaml(path) if path is not None else {}
     if path is not None and not data:
         raise ConfigError(

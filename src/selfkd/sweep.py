@@ -368,8 +368,11 @@ def expand(
 def load_sweep(
     path: str | Path, cli_set: list[str] | None = None, only: str | None = None
 ) -> Sweep:
-    """Read, expand and validate a sweep file; ``only`` keeps runs whose name matches."""
-    path = Path(path)
+    """Read, expand and validate a sweep file (or a shipped one by name, selfkd.shipped);
+    ``only`` keeps runs whose name matches."""
+    from selfkd.shipped import resolve_config
+
+    path = resolve_config(path, "sweep")
     spec = load_yaml_file(path, "sweep")
     runs = expand(spec or {}, path.parent, cli_set, label=f"sweep {path}")
     if only:

@@ -42,6 +42,7 @@ def phase1_config(cfg: Config) -> Config:
     phase1.run.name = f"{cfg.data.name}-{cfg.model.name}-seed{phase1.run.seed}-{key}"
     phase1.run.out_dir = str(Path(cfg.run.out_dir) / PHASE1_DIR)
     phase1.run.tensorboard = False
+    phase1.run.loggers = ["csv"]  # trackers show the runs asked for; phase 1 has its own files
     return phase1
 
 

@@ -54,7 +54,6 @@ import contextlib
 import copy
 import functools
 import logging
-import math
 import os
 import signal
 import sys
@@ -72,6 +71,7 @@ from selfkd.config import Config
 from selfkd.data.mixing import Mixer
 from selfkd.engine import checkpoint as ckpt
 from selfkd.engine import distributed as D
+from selfkd.engine import loggers as L
 from selfkd.engine.device import (
     amp_dtype,
     autocast,
@@ -85,6 +85,7 @@ from selfkd.engine.guard import NonFinite, NonFiniteWatch, step_values
 from selfkd.engine.optim import build_optimizer, lr_at, set_lr
 from selfkd.engine.resume import config_differences, describe_differences
 from selfkd.engine.rundir import RunDir, check_resumable, close_logger
+from selfkd.engine.runinfo import run_metadata
 from selfkd.errors import (
     CheckpointError,
     ConfigError,
@@ -282,6 +283,9 @@ class Trainer:
             resume, overwrite, self.restarted = False, True, True
             self.resume = False
         D.barrier()  # every rank has checked the directory before rank 0 writes into it
+        #: run.loggers (csv first); a missing tracker client is refused before the data loads
+        self.logger_names = L.logger_names(cfg.run)
+        L.require_clients(self.logger_names)
 
         self.data = data if data is not None else self._build_data()
         loader_world = getattr(self.data.train_loader, "world_size", 1)
@@ -379,7 +383,10 @@ class Trainer:
         self.best_epoch: int | None = None
         self.skipped_steps = 0
         self.train_seconds = 0.0
-        self.tb = self._tensorboard() if cfg.run.tensorboard and self.is_main else None
+        #: experiment trackers (rank 0), started by fit(); see selfkd.engine.loggers
+        self.trackers = L.Trackers([], self.log.info)
+        #: versions, git commit, host, devices, world size (config.yaml meta, final.json)
+        self.run_meta = run_metadata(self.device, self.world_size)
         if self.world_size > 1 and self.rank > 0:
             # augmentations differ between ranks; the model and method were built alike
             seed_everything(_rank_seed(cfg.run.seed, self.rank), cfg.run.deterministic)
@@ -410,7 +417,7 @@ class Trainer:
                 self.forward_model if self.ddp_model is None else torch.compile(self.model)
             )
         if self.is_main:
-            self.run.write_config(self.resolved_config())
+            self.run.write_config({**self.resolved_config(), "meta": self.run_meta})
 
     # --- construction -----------------------------------------------------------------------
     def _build_data(self) -> Any:
@@ -466,19 +473,6 @@ class Trainer:
         )
         model.load_state_dict(data["model"])
         return model
-
-    def _tensorboard(self) -> Any:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            self_warn = (
-                "run.tensorboard=true but tensorboard is not installed; pip install tensorboard"
-            )
-            import warnings
-
-            warnings.warn(self_warn, stacklevel=2)
-            return None
-        return SummaryWriter(str(self.run.path / "tensorboard"))
 
     def resolved_config(self) -> dict[str, Any]:
         """The config with every default filled in; still a valid config file."""
@@ -630,8 +624,10 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``train.epochs`` (continuing after a resume); return the final metrics."""
         cfg = self.cfg
+        status = "interrupted"  # for the trackers: finished, failed or interrupted
         try:
             self._install_signal_handlers()
+            self._start_trackers()
             if self.resume:
                 self.log.info(
                     f"resuming {self.run.path} at epoch {self.epoch + 1}/{cfg.train.epochs}"
@@ -652,6 +648,7 @@ class Trainer:
                     row.update(self.evaluate_epoch())
                 if self.is_main:
                     self.run.append_row(row)
+                    self.trackers.log_epoch(row)
                 self._log_row(row)
                 self._update_best(row)
                 self.save_last()
@@ -660,18 +657,33 @@ class Trainer:
                 for callback in self.callbacks:
                     callback(self, self.epoch)
             final = self.finalize()
+            status = "finished"
         except (SelfKDError, RuntimeError, ValueError, OSError) as exc:
+            status = "interrupted" if isinstance(exc, RunInterrupted) else "failed"
             self._record_failure(exc)
             raise
         finally:
             self._restore_signal_handlers()
-            if self.tb is not None:
-                self.tb.close()
+            self.trackers.close(status)
             close_logger(self.log)
             if self.is_main:
                 self.run.clean_temporaries()  # still under the lock
             self.run.release()
         return final
+
+    def _start_trackers(self) -> None:
+        """Start run.loggers' trackers (rank 0) and give them the resolved config."""
+        if not self.is_main or len(self.logger_names) == 1:
+            return  # csv only: the run directory writes it
+        self.trackers = L.open_trackers(
+            self.logger_names,
+            self.run.path,
+            run_name=self.cfg.run.name,
+            project=self.cfg.run.project,
+            resume=self.resume,
+            warn=self.log.info,
+        )
+        self.trackers.log_config({**self.resolved_config(), "meta": self.run_meta})
 
     def _record_failure(self, exc: BaseException) -> None:
         """Mark the run as failed in final.json (reports list it); resuming is still possible."""
@@ -687,6 +699,7 @@ class Trainer:
                     "global_step": self.global_step,
                     "method": self.method.name,
                     "seed": self.cfg.run.seed,
+                    **self.run_meta,
                 }
             )
 
@@ -773,6 +786,8 @@ class Trainer:
             )
             bar.update(first)
         check_every = cfg.run.check_every
+        #: run.log_every: a line every N steps when no bar shows (one host read each)
+        log_every = cfg.run.log_every if self.is_main else 0
         last_step = self.steps_per_epoch - 1
         checking = True
         for step, (x, y, idx) in enumerate(loader.iterate(epoch, first), start=first):
@@ -800,6 +815,8 @@ class Trainer:
                 bar.update(1)
                 if checking:  # the host reads the loss only where it checks anyway
                     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.4g}")
+            elif log_every and (step + 1) % log_every == 0:
+                self._log_step(epoch, step, loss, lr, start)
             self._stop_if_asked(epoch, sums, seen, wrong, start)
         if bar is not None:
             bar.close()
@@ -834,6 +851,14 @@ class Trainer:
         if getattr(loader, "skipped", 0):
             row["skipped_images"] = loader.skipped
         return row
+
+    def _log_step(self, epoch: int, step: int, loss: Tensor, lr: float, start: float) -> None:
+        """One ``run.log_every`` line: epoch, step, this step's loss, lr, time in the epoch."""
+        seconds = time.perf_counter() - start
+        self.log.info(
+            f"epoch {epoch + 1}/{self.cfg.train.epochs} step {step + 1}/{self.steps_per_epoch} "
+            f"loss={loss.detach().item():.4f} lr={lr:.4g} ({seconds:.1f}s)"
+        )
 
     def _reduce_sums(
         self, sums: dict[str, Tensor], seen: int, wrong: Tensor
@@ -1060,10 +1085,6 @@ class Trainer:
             f"epoch {row['epoch']}/{self.cfg.train.epochs} lr={row['lr']:.4g} "
             f"{' '.join(parts)} ({row['train_seconds']:.1f}s)"
         )
-        if self.tb is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "epoch" and math.isfinite(value):
-                    self.tb.add_scalar(key.replace("_", "/", 1), value, row["epoch"])
 
     def finalize(self) -> dict[str, Any]:
         """Final metrics of the last epoch, with temperature scaling fitted on the val split."""
@@ -1093,10 +1114,12 @@ class Trainer:
             "peak_memory_mb": peak_memory_mb(self.device),
             "skipped_steps": self.skipped_steps,
             "device": str(self.device),
+            **self.run_meta,
             **ckpt.versions(),
         }
         if self.is_main:
             self.run.write_final(final)
+            self.trackers.log_final(final, self.cfg.train.epochs)
         self.log.info(
             f"finished: test top-1 error {test['top1_err']:.2f}%, NLL {test['nll']:.4f}, "
             f"ECE {test['ece']:.2f}%"
