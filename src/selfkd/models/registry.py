@@ -9,6 +9,7 @@ feature taps, see :mod:`selfkd.models.taps`) and ``classifier`` (its final ``nn.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 from collections.abc import Callable
@@ -21,7 +22,52 @@ from selfkd.registry import Registry, close_matches
 
 ModelFactory = Callable[..., nn.Module]
 
-MODELS: Registry[ModelFactory] = Registry("model")
+
+class ModelRegistry(Registry[ModelFactory]):
+    """The registered models plus ``timm/<name>`` and ``tv/<name>`` (any library model)."""
+
+    def canonical(self, name: str) -> str:
+        from selfkd.models.external import check_name, split_name
+
+        if isinstance(name, str) and split_name(name) is not None:
+            return check_name(name)
+        return super().canonical(name)
+
+    def get(self, name: str) -> ModelFactory:
+        from selfkd.models.external import build_external, split_name
+
+        if isinstance(name, str) and split_name(name) is not None:
+            return functools.partial(build_external, self.canonical(name))
+        return super().get(name)
+
+    def __contains__(self, name: object) -> bool:
+        from selfkd.models.external import split_name
+
+        if isinstance(name, str) and split_name(name) is not None:
+            try:
+                self.canonical(name)
+            except ConfigError:
+                return False
+            return True
+        return super().__contains__(name)
+
+    def describe(self) -> list[tuple[str, str]]:
+        return [
+            *super().describe(),
+            (
+                "timm/<name>",
+                "any timm model, e.g. timm/resnet50, timm/efficientnet_b0 (pip install timm; "
+                "timm.list_models('*resnet*') lists names); options pretrained, weights, taps",
+            ),
+            (
+                "tv/<name>",
+                "any torchvision classification model, e.g. tv/resnet34, tv/mobilenet_v3_large "
+                "(torchvision.models.list_models()); options pretrained, weights, taps",
+            ),
+        ]
+
+
+MODELS: ModelRegistry = ModelRegistry("model")
 
 _FIXED_ARGS = ("num_classes", "in_channels")
 
@@ -63,7 +109,9 @@ def _accepts_any_keyword(factory: ModelFactory) -> bool:
 def build_model(name: str, num_classes: int, in_channels: int = 3, **options: Any) -> nn.Module:
     """Build the registered model ``name`` (or an alias) with fresh (untrained) weights.
 
-    Raises :class:`ConfigError` for an unknown model (with close matches), an option the
+    ``timm/<name>`` and ``tv/<name>`` build any timm / torchvision model
+    (:mod:`selfkd.models.external`). Raises :class:`ConfigError` for an unknown model (with
+    close matches), an option the
     model's factory does not accept (naming the accepted ones), ``num_classes < 2`` or
     ``in_channels < 1``.
     """
