@@ -26,6 +26,12 @@ larger graphs).
 
 Usage: ``PYTHONPATH=src python bench/bench_methods.py [--model preact_resnet18] [--methods ce
 aikd] [--device cpu] [--write docs/benchmarks.md]``.
+
+Stacks and variants: ``--spec LABEL=JSON`` (repeatable) adds a row with that method section, e.g.
+``--spec 'pskd+drg={"name": "stack", "parts": {"pskd": {}, "drg": {}}}'`` or ``--spec
+'drg 1+2={"name": "drg", "taps": ["stage1", "stage2"]}'``; with ``--methods`` given too, only
+those and the specs are timed (CE always). ``--section NAME`` writes the table into another
+section of the ``--write`` file (default ``methods``).
 """
 
 from __future__ import annotations
@@ -82,10 +88,28 @@ def normalized(name: str) -> str:
     return "".join(c for c in name.lower() if c.isalnum())
 
 
-def variants(names: Sequence[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
-    """(label, method spec) rows: CE first, then the registry (or ``names``), AI-KD twice."""
+def parse_spec(text: str) -> tuple[str, dict[str, Any]]:
+    """``LABEL=JSON`` of ``--spec`` as (label, method section); ValueError when malformed."""
+    import json
+
+    label, sep, body = text.partition("=")
+    if not sep or not label.strip():
+        raise ValueError(f"--spec must be LABEL=JSON, got {text!r}")
+    spec = json.loads(body)
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ValueError(f"--spec {label}: the JSON must be a method section with a name")
+    return label.strip(), spec
+
+
+def variants(
+    names: Sequence[str] | None = None, specs: Sequence[tuple[str, dict[str, Any]]] = ()
+) -> list[tuple[str, dict[str, Any]]]:
+    """(label, method spec) rows: CE first, then the registry (or ``names``), AI-KD twice, then
+    ``specs``; with ``specs`` and no ``names`` only CE and the specs."""
     from selfkd.methods import METHODS
 
+    if specs and not names:
+        return [("ce", {"name": "ce"}), *specs]
     chosen = list(METHODS.names()) if not names else [METHODS.canonical(n) for n in names]
     chosen = ["ce"] + [n for n in dict.fromkeys(chosen) if n != "ce"]
     rows: list[tuple[str, dict[str, Any]]] = []
@@ -95,12 +119,15 @@ def variants(names: Sequence[str] | None = None) -> list[tuple[str, dict[str, An
             rows.append(("aikd (snapshot)", {"name": "aikd", "prev_source": "snapshot"}))
         else:
             rows.append((name, {"name": name}))
-    return rows
+    return rows + list(specs)
 
 
 def target_for(spec: dict[str, Any]) -> float | None:
-    """The issue's step-time target for this row (AI-KD: only the bank variant has one)."""
+    """The issue's step-time target for this row (AI-KD: only the bank variant has one; the
+    targets are for default parameters, so a ``--spec`` row with other keys has none)."""
     name = normalized(spec["name"])
+    if set(spec) - {"name", "prev_source"}:
+        return None
     if name == "aikd" and spec.get("prev_source", "bank") != "bank":
         return None
     return TARGETS.get(name)
@@ -187,7 +214,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="do not import the submodules of selfkd.methods (only what the package registers)",
     )
-    parser.add_argument("--write", metavar="MARKDOWN", help="update section 'methods' of this file")
+    parser.add_argument(
+        "--spec",
+        action="append",
+        default=[],
+        metavar="LABEL=JSON",
+        help="also time this method section (a stack, a DRG tap subset, ...); repeatable",
+    )
+    parser.add_argument("--write", metavar="MARKDOWN", help="update a section of this file")
+    parser.add_argument("--section", default="methods", help="section of --write (default methods)")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.k < 1 or args.warmup < 0:
@@ -204,7 +239,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for failure in discover_failures:
         print(f"note: could not import {failure}")
     discovered = sorted(set(METHODS.names()) - registered_before)
-    rows = variants(args.methods)
+    try:
+        specs = [parse_spec(text) for text in args.spec]
+    except ValueError as exc:
+        parser.error(str(exc))
+    rows = variants(args.methods, specs)
 
     model, options, channels, size, shape_note = SETTINGS[args.model]
     size = args.image_size or size
@@ -400,8 +439,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     table = "\n".join(lines + notes)
     print(table)
     if args.write:
-        update_section(args.write, "methods", table)
-        print(f"\nupdated section 'methods' of {args.write}")
+        update_section(args.write, args.section, table)
+        print(f"\nupdated section '{args.section}' of {args.write}")
     return {"results": results, "skipped": skipped, "markdown": table}
 
 

@@ -18,9 +18,9 @@ from selfkd.engine import train
 from selfkd.errors import ConfigError, ModelError
 from selfkd.losses.drg import drg_dsr_loss, reverse_guidance_loss, shape_regularization_loss
 from selfkd.methods.base import Batch, MethodContext, StepInfo, build_method
-from selfkd.methods.drg import DRG, DRGDSR, DSR, DRGDSRParams, DSRParams
+from selfkd.methods.drg import DRG, DRGDSR, DSR, DRGDSRParams, DRGParams, DSRParams
 from selfkd.methods.heads import AuxiliaryClassifier
-from selfkd.models import build_model
+from selfkd.models import FeatureTaps, build_model
 
 # --- independent references (numpy) ---------------------------------------------------------
 
@@ -283,3 +283,68 @@ def test_drg_dsr_end_to_end_and_exact_resume(tiny_dict):
     for term in ("ce", "ce_ac", "rg", "sr", "loss"):
         assert f"train_{term}" in full[0], term
     assert full[0]["train_sr"] > 0
+
+
+def np_f64(x: torch.Tensor) -> np.ndarray:
+    return x.detach().double().numpy()
+
+
+# --- DRG on several taps ----------------------------------------------------------------------
+
+
+def test_drg_two_taps_builds_two_heads_and_loss_is_the_hand_sum():
+    model = tiny_model()
+    method = DRG(DRGParams(taps=["stage1", "stage2"], alpha=0.3, tau_drg=2.0))
+    method.setup(model, ctx())
+    assert list(method.acs) == ["stage1", "stage2"]
+    assert method.acs["stage1"].out_channels == 4 * 4  # stage1 width 4 doubled twice
+    assert method.acs["stage2"].out_channels == 4 * 8
+    assert method.main_optimizer_modules() == [method.acs["stage1"], method.acs["stage2"]]
+    keys = set(method.state_dict())
+    assert any(k.startswith("ac.") for k in keys)
+    assert any(k.startswith("more_acs.stage2.") for k in keys)
+    b = batch()
+    model.train()
+    out = method.training_step(model, b, info(0))
+    with FeatureTaps(model, ["stage1", "stage2"]) as taps:
+        model(b.inputs)
+        z1 = np_f64(method.acs["stage1"](taps["stage1"]))
+        z2 = np_f64(method.acs["stage2"](taps["stage2"]))
+    z, y = np_f64(out.logits), b.targets.numpy()
+    expected = (
+        np_ce(z, y)
+        + np_ce(z1, y)
+        + np_ce(z2, y)
+        + 0.3 * (np_tempered_kl(z1, z, 2.0) + np_tempered_kl(z2, z, 2.0))
+    )
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+    assert out.terms["rg_stage1"].item() == pytest.approx(np_tempered_kl(z1, z, 2.0), rel=1e-4)
+    assert out.terms["ce_ac_stage2"].item() == pytest.approx(np_ce(z2, y), rel=1e-5)
+    assert out.terms["ce_ac"].item() == pytest.approx(np_ce(z1, y) + np_ce(z2, y), rel=1e-5)
+    # the stage-1 head's CE reaches stage 1 only
+    model.zero_grad()
+    with FeatureTaps(model, ["stage1"]) as taps:
+        model(b.inputs)
+        nn.functional.cross_entropy(method.acs["stage1"](taps["stage1"]), b.targets).backward()
+    assert model.layer1[0].conv1.weight.grad.abs().sum() > 0
+    assert model.layer2[0].conv1.weight.grad is None
+
+
+def test_drg_tap_is_the_one_tap_form_of_taps():
+    assert DRG(DRGParams(tap="stage3")).params.taps == ["stage3"]
+    assert build_method({"name": "drg", "tap": "stage1"}).describe()["taps"] == ["stage1"]
+    with pytest.raises(ConfigError, match=r"method.tap .* and method.taps .* disagree"):
+        DRG(DRGParams(tap="stage3", taps=["stage1"]))
+    with pytest.raises(ConfigError, match="lists a tap twice"):
+        DRG(DRGParams(taps=["stage1", "stage1"]))
+    with pytest.raises(ConfigError, match="non-empty list"):
+        build_method({"name": "drg", "taps": []})
+
+
+def test_drg_three_taps_end_to_end(tiny_dict):
+    tiny_dict["method"] = {"name": "drg", "taps": ["stage1", "stage2", "stage3"]}
+    tiny_dict["train"]["epochs"] = 1
+    train(config_from_dict(tiny_dict), quiet=True)
+    row = metric_rows(Path(tiny_dict["run"]["out_dir"]) / "tiny")[-1]
+    parts = sum(row[f"train_ce_ac_stage{i}"] for i in (1, 2, 3))
+    assert row["train_ce_ac"] == pytest.approx(parts, rel=1e-5)

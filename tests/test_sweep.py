@@ -37,6 +37,8 @@ EXPECTED = {
     "pskd/table1_cifar100.yaml": 30,
     "drg/table1_cifar100.yaml": 60,
     "drg/table2_tiny_imagenet.yaml": 21,
+    "drg/table3_cifar100.yaml": 24,
+    "drg/table4_cifar100.yaml": 18,
     "cpu/fmnist_aikd_study.yaml": 12,
     "cpu/fmnist_methods.yaml": 33,
     "cpu/fmnist_comparison.yaml": 54,
