@@ -697,3 +697,76 @@ def test_superior_seed_trains_phase1_with_another_seed() -> None:
     ).replace(phase1_key(own), phase1_key(other))
     with pytest.raises(ConfigError, match="superior_seed"):
         parse_params(AIKD, {"superior_seed": -1})
+
+
+# --- selfkd plot --kind critic --------------------------------------------------------------------
+def fake_run(root, name: str, method: dict, seed: int, rows: list[dict]):
+    """A finished-looking run directory: resolved-enough config.yaml and metrics.jsonl."""
+    import json
+
+    import yaml
+
+    from helpers import TINY
+
+    data = copy.deepcopy(TINY)
+    data["run"].update(name=name, seed=seed, out_dir=str(root))
+    data["method"] = method
+    path = root / name
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump(data))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def diag_rows(scale: float, epochs: int = 4) -> list[dict]:
+    keys = [
+        "train_student_logit_norm", "train_student_logit_cnorm", "train_student_max_prob",
+        "train_superior_logit_norm", "train_superior_logit_cnorm", "train_superior_max_prob",
+        "train_critic_wdist", "train_critic_gp", "train_adv_grad_ratio", "train_adv_ce_cos",
+        "train_adv_radial", "train_adv_offset_share",
+    ]  # fmt: skip
+    return [
+        {
+            "epoch": e + 1,
+            "train_loss": 1.0 / (e + 1),
+            **{k: scale * (e + 1 + i) for i, k in enumerate(keys)},
+        }
+        for e in range(epochs)
+    ]
+
+
+def test_plot_kind_critic_overlays_runs_without_checkpoints(tmp_path, capsys) -> None:
+    from PIL import Image
+
+    from selfkd.cli import main
+
+    runs = tmp_path / "runs"
+    ce = fake_run(runs, "ce", {"name": "ce"}, 0, [{"epoch": e, "train_loss": 1.0} for e in (1, 2)])
+    a0 = fake_run(runs, "a0", {"name": "aikd"}, 0, diag_rows(1.0))
+    a1 = fake_run(runs, "a1", {"name": "aikd"}, 1, diag_rows(1.2))
+    probs = fake_run(runs, "p0", {"name": "aikd", "critic_input": "probs"}, 0, diag_rows(0.5))
+    out = tmp_path / "figs"
+    argv = ["plot", str(ce), str(a0), str(a1), str(probs), "--out", str(out), "--kind", "critic"]
+    assert main(argv) == 0
+    assert [p.name for p in out.glob("*.png")] == ["critic.png"]
+    with Image.open(out / "critic.png") as img:
+        assert img.format == "PNG" and img.width > 2 * img.height
+        assert len(img.convert("RGB").getcolors(maxcolors=1 << 24)) > 10
+    assert "critic.png" in capsys.readouterr().out
+    # only runs without diagnostics: a one-line error
+    assert main(["plot", str(ce), "--out", str(tmp_path / "f2"), "--kind", "critic"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: no run has AI-KD diagnostics in metrics.jsonl (train_student_logit_norm, ...); "
+        "plot AI-KD runs trained with method.diagnostics: true"
+    ]
+    assert not (tmp_path / "f2" / "critic.png").exists()
+
+
+def test_critic_kind_is_not_part_of_all() -> None:
+    from selfkd.report.figures import _kinds
+
+    assert _kinds("all") == ["reliability", "tsne", "overlay", "curves"]
+    assert _kinds("critic") == ["critic"]
+    with pytest.raises(ConfigError, match="critic"):
+        _kinds("critics")

@@ -22,6 +22,14 @@ method label; every figure names the method label and its number of seeds. Kinds
     Per setting, training curves of every method from RUN/metrics.jsonl: train loss (each
     method's total objective), test top-1 error and test NLL per epoch, mean over seeds with a
     shaded min-max band.
+``critic``
+    Per setting, AI-KD's per-epoch diagnostics from RUN/metrics.jsonl (``method.diagnostics``),
+    every method label overlaid (mean over seeds, min-max band): the student's logit norm,
+    centred logit norm and max-probability on the training batches (the superior's dashed, same
+    colour), the critic's Wasserstein estimate and gradient penalty, ‖ω∇L_A‖/‖α_CE∇CE‖ on the
+    logits, cos(∇L_A, ∇CE) and the radial cosine (dotted), and the share of ∇L_A along the
+    softmax-invariant shift. Methods without these columns (``ce``) are listed, not drawn. Only
+    on request: ``all`` means the four kinds above.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from selfkd.report.table import Group, find_runs, group_runs
 
 __all__ = [
     "KINDS",
+    "critic_figure",
     "curves_figure",
     "embed_tsne",
     "overlay_figure",
@@ -52,7 +61,25 @@ __all__ = [
     "tsne_figure",
 ]
 
-KINDS = ("reliability", "tsne", "overlay", "curves")
+KINDS = ("reliability", "tsne", "overlay", "curves", "critic")
+#: what ``--kind all`` draws (``critic`` only on request)
+ALL_KINDS = ("reliability", "tsne", "overlay", "curves")
+#: (title, [(metrics.jsonl key, line style)]) of the diagnostics panels; "-" the student or the
+#: main series, "--" the superior model, ":" a second series
+CRITIC_PANELS: list[tuple[str, list[tuple[str, str]]]] = [
+    ("logit norm ‖z‖ (superior dashed)", [
+        ("train_student_logit_norm", "-"), ("train_superior_logit_norm", "--")]),
+    ("centred logit norm ‖z − mean z‖ (superior dashed)", [
+        ("train_student_logit_cnorm", "-"), ("train_superior_logit_cnorm", "--")]),
+    ("max-probability (superior dashed)", [
+        ("train_student_max_prob", "-"), ("train_superior_max_prob", "--")]),
+    ("critic Wasserstein estimate", [("train_critic_wdist", "-")]),
+    ("critic gradient penalty (unweighted)", [("train_critic_gp", "-")]),
+    ("‖ω·∇L_A‖ / ‖α_CE·∇CE‖ on the logits", [("train_adv_grad_ratio", "-")]),
+    ("cos(∇L_A, ∇CE); radial cos dotted", [
+        ("train_adv_ce_cos", "-"), ("train_adv_radial", ":")]),
+    ("share of ∇L_A along the shift softmax ignores", [("train_adv_offset_share", "-")]),
+]  # fmt: skip
 #: (metrics.jsonl key, axis label) of the training-curve panels.
 CURVES = [
     ("train_loss", "train loss (method's total objective)"),
@@ -492,6 +519,54 @@ def curves_figure(groups: Sequence[Group], path: str | Path, setting: str | None
     return _save(fig, Path(path))
 
 
+def critic_figure(groups: Sequence[Group], path: str | Path, setting: str | None = None) -> Path:
+    """AI-KD's per-epoch diagnostics (:data:`CRITIC_PANELS`) of every method, overlaid."""
+    keys = {key for _, series in CRITIC_PANELS for key, _ in series}
+    data, without = [], []
+    for g in groups:
+        rows = [r for r in (_read_rows(run.path) for run in g.runs) if r]
+        has = any(k in row for rs in rows for row in rs for k in keys)
+        (data if has else without).append((g, rows))
+    if not data:
+        raise ConfigError(
+            "no run has AI-KD diagnostics in metrics.jsonl (train_student_logit_norm, ...); "
+            "plot AI-KD runs trained with method.diagnostics: true"
+        )
+    fig = _figure(18, 8)
+    axes = fig.subplots(2, 4).ravel()
+    for i, (group, rows) in enumerate(data):
+        color = _method_color(i)
+        for ax, (_, series) in zip(axes, CRITIC_PANELS, strict=True):
+            for key, style in series:
+                epochs, mean, lo, hi = _series(rows, key)
+                if len(epochs) == 0:
+                    continue
+                ax.plot(
+                    epochs,
+                    mean,
+                    color=color,
+                    linestyle=style,
+                    label=f"{group.label} ({_seeds(len(rows))})" if style == "-" else None,
+                )
+                if len(rows) > 1:
+                    ax.fill_between(epochs, lo, hi, color=color, alpha=0.15, linewidth=0)
+    for ax, (title, _) in zip(axes, CRITIC_PANELS, strict=True):
+        ax.set_xlabel("epoch")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[-3].axhline(0.0, color="black", linewidth=0.6)
+    axes[0].legend(fontsize=8, loc="best")
+    methods = ", ".join(f"{g.label} ({_seeds(len(rows))})" for g, rows in data)
+    title = f"AI-KD diagnostics on the training batches, per epoch: {methods}"
+    if without:
+        title += "\nwithout diagnostics (not drawn): " + ", ".join(g.label for g, _ in without)
+    if setting:
+        title += f"\n{setting}"
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, Path(path))
+
+
 # --------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------
@@ -502,7 +577,7 @@ def _kinds(kind: str | Iterable[str]) -> list[str]:
     out: list[str] = []
     for k in requested:
         if k == "all":
-            out.extend(KINDS)
+            out.extend(ALL_KINDS)
         elif k in KINDS:
             out.append(k)
         else:
@@ -526,7 +601,8 @@ def plot_runs(
     """Write the figures of ``kind`` for every run under ``paths`` into ``out_dir``.
 
     Runs are found and grouped as by ``selfkd report``. Files: ``curves.png`` per setting,
-    ``reliability-<method>.png``, ``tsne-<method>.png`` and ``overlay-<method>.png`` per method
+    ``critic.png`` per setting, ``reliability-<method>.png``, ``tsne-<method>.png`` and
+    ``overlay-<method>.png`` per method
     (prefixed ``setting<i>-`` when the runs span several settings). Returns the paths written.
     Raises ConfigError for an unknown kind or bad options, CheckpointError when a run needed
     for a checkpoint-based figure has no checkpoint.
@@ -538,7 +614,7 @@ def plot_runs(
         raise ConfigError(f"checkpoint must be 'last' or 'best', got {which!r}")
     say = log or (lambda _msg: None)
     settings = group_runs(find_runs(list(paths)))
-    needs_ckpt = any(k != "curves" for k in kinds)
+    needs_ckpt = any(k not in ("curves", "critic") for k in kinds)
     if needs_ckpt:  # fail before any slow work
         for groups in settings.values():
             for group in groups:
@@ -568,6 +644,12 @@ def plot_runs(
                 written.append(curves_figure(groups, out / f"{prefix}curves.png", setting))
             except ConfigError:
                 if kinds == ["curves"]:
+                    raise
+        if "critic" in kinds:
+            try:
+                written.append(critic_figure(groups, out / f"{prefix}critic.png", setting))
+            except ConfigError:
+                if kinds == ["critic"] and len(settings) == 1:
                     raise
         for group in groups:
             name = _slug(group.label)
