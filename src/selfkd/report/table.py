@@ -217,7 +217,10 @@ def scan_runs(paths: list[str | Path], *, sweep_records: bool = True) -> Scan:
                 final, problem = None, str(exc)
             runs.append(Run(path=path, config=config, final=final, problem=problem))
     if sweep_records:
-        for record in dict.fromkeys(r.resolve() for r in records):
+        unique: dict[Path, Path] = {}
+        for record in records:
+            unique.setdefault(record.resolve(), record)
+        for record in unique.values():
             try:
                 entries = read_failures(record)
             except ValueError as exc:
@@ -447,7 +450,7 @@ def markdown_table(groups: list[Group]) -> str:
             if vals:
                 rank[(group.label, key)] = means.index(round(mean_std(vals)[0], 6))
     lines = [
-        "| method | seeds | " + " | ".join(t for _, t, _ in present) + " |",
+        "| " + " | ".join(["method", "seeds", *(t for _, t, _ in present)]) + " |",
         "|---|---|" + "---|" * len(present),
     ]
     for group in groups:
@@ -464,7 +467,7 @@ def markdown_table(groups: list[Group]) -> str:
             text = _fmt(*mean_std(vals), _digits(key))
             r = rank.get((group.label, key))
             cells.append(f"**{text}**" if r == 0 else f"<u>{text}</u>" if r == 1 else text)
-        lines.append(f"| {group.label} | {seeds} | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([group.label, seeds, *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -528,7 +531,7 @@ def paired_table(groups: list[Group], baseline: str, paired: dict[str, dict]) ->
     """The Markdown table of :func:`paired_to_baseline`'s result for one setting."""
     present = [(k, t) for k, t, _ in METRICS if any(k in cells for cells in paired.values())]
     lines = [
-        "| method | paired seeds | " + " | ".join(t for _, t in present) + " |",
+        "| " + " | ".join(["method", "paired seeds", *(t for _, t in present)]) + " |",
         "|---|---|" + "---|" * len(present),
     ]
     for group in groups:
@@ -537,7 +540,7 @@ def paired_table(groups: list[Group], baseline: str, paired: dict[str, dict]) ->
         cells = paired[group.label]
         n = max((p.n for p in cells.values()), default=0)
         row = [_fmt_paired(cells[k], _digits(k)) if k in cells else "-" for k, _ in present]
-        lines.append(f"| {group.label} | {n} | " + " | ".join(row) + " |")
+        lines.append("| " + " | ".join([group.label, str(n), *row]) + " |")
     return "\n".join(lines)
 
 
