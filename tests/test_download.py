@@ -298,3 +298,21 @@ def test_download_of_a_dataset_without_source_is_a_config_error(capsys):
     assert "cannot be downloaded (it reads your own folders)" in one_line_error(capsys)
     assert main(["data", "get", "cifar1000"]) == 2
     assert "unknown dataset 'cifar1000'" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("cifar100", "get it with `selfkd data get cifar100 --root "),
+        ("cub200", "get it with `selfkd data get cub200` (or data.download: true)"),
+        ("mnist", "get it with `selfkd data get mnist` (or data.download: true)"),
+        ("caltech101", "get it with `selfkd data get caltech101` (or data.download: true)"),
+    ],
+)
+def test_a_missing_dataset_says_how_to_download_it(name, hint, tmp_path):
+    from selfkd.data import DATASETS
+    from selfkd.errors import DataError
+
+    with pytest.raises(DataError) as info:
+        DATASETS.get(name)(str(tmp_path))
+    assert hint in str(info.value) and "\n" not in str(info.value)

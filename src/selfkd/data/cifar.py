@@ -113,14 +113,15 @@ def _names(d: dict[str, Any], key: str, path: Path) -> list[str]:
     return [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in raw]
 
 
-def _dataset_dir(root: Path, folder: str, probe: str, title: str) -> Path:
+def _dataset_dir(root: Path, folder: str, probe: str, title: str, name: str) -> Path:
     """``root/folder`` or ``root`` itself if it already is that folder."""
     for cand in (root / folder, root):
         if (cand / probe).is_file():
             return cand
     raise DataError(
-        f"{title} not found: {root / folder / probe} is missing; set data.root to the folder "
-        f"that contains {folder}/ (download it from {CIFAR_URL})"
+        f"{title} not found: {root / folder / probe} is missing; get it with `selfkd data get "
+        f"{name} --root {root}` (or data.download: true), or set data.root to the folder that "
+        f"contains {folder}/"
     )
 
 
@@ -148,7 +149,9 @@ def _make(
 def cifar10(root: str | None = None, **options: Any) -> RawSplits:
     """CIFAR-10: 50,000 train / 10,000 test 32×32 RGB images, 10 classes (official pickles)."""
     check_options("cifar10", options, {})
-    d = _dataset_dir(default_root(root), "cifar-10-batches-py", "data_batch_1", "CIFAR-10")
+    d = _dataset_dir(
+        default_root(root), "cifar-10-batches-py", "data_batch_1", "CIFAR-10", "cifar10"
+    )
     names = _names(load_cifar_pickle(d / "batches.meta"), "label_names", d / "batches.meta")
     train = [read_cifar_batch(d / f"data_batch_{i}", "labels") for i in range(1, 6)]
     test = read_cifar_batch(d / "test_batch", "labels")
@@ -162,7 +165,7 @@ def cifar100(root: str | None = None, **options: Any) -> RawSplits:
     kind = opts["labels"]
     if kind not in ("fine", "coarse"):
         raise ConfigError(f"data.options.labels must be 'fine' or 'coarse', got {kind!r}")
-    d = _dataset_dir(default_root(root), "cifar-100-python", "train", "CIFAR-100")
+    d = _dataset_dir(default_root(root), "cifar-100-python", "train", "CIFAR-100", "cifar100")
     names = _names(load_cifar_pickle(d / "meta"), f"{kind}_label_names", d / "meta")
     train = read_cifar_batch(d / "train", f"{kind}_labels")
     test = read_cifar_batch(d / "test", f"{kind}_labels")

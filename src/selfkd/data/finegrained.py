@@ -38,7 +38,8 @@ for test; see :func:`~selfkd.data.imagefolder.build_file_transforms`):
 folder itself; it defaults to ``$SELFKD_DATA/<name>`` (or ``$SELFKD_DATA``) and then
 ``./data/<name>`` (or ``./data``). A missing or malformed file, a list entry whose image does
 not exist, or an image without a split or label entry is a :class:`~selfkd.errors.DataError`
-naming the file. Datasets must be downloaded by hand from their official pages.
+naming the file. ``selfkd data get NAME`` (or ``data.download: true``) downloads a dataset
+with its official checksums (:mod:`selfkd.data.download`).
 """
 
 from __future__ import annotations
@@ -98,8 +99,9 @@ def locate(
     where = bases[0] / folders[0] / probes[0]
     default = "" if root is not None else " (data.root unset: looked in $SELFKD_DATA and ./data)"
     raise DataError(
-        f"{title} not found: {where} is missing{default}; set data.root to the folder that "
-        f"contains {main}/ (or to that folder itself)"
+        f"{title} not found: {where} is missing{default}; get it with `selfkd data get {name}` "
+        f"(or data.download: true), or set data.root to the folder that contains {main}/ (or to "
+        "that folder itself)"
     )
 
 
@@ -504,8 +506,9 @@ def _locate_caltech(root: str | None) -> Path:
             if _image_files(d):
                 return bases[0]
     raise DataError(
-        f"Caltech-101 not found: {bases[0] / folders[0]} is missing; set data.root to the folder "
-        f"that contains {folders[0]}/ (extract 101_ObjectCategories.tar.gz) or to that folder"
+        f"Caltech-101 not found: {bases[0] / folders[0]} is missing; get it with `selfkd data get "
+        f"caltech101` (or data.download: true), or set data.root to the folder that contains "
+        f"{folders[0]}/ or to that folder"
     )
 
 

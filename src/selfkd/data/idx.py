@@ -113,8 +113,9 @@ def _load(
             found = _find(dirs, stem)
             if found is None:
                 raise DataError(
-                    f"{title} not found: {root / stem}(.gz) is missing; set data.root (or "
-                    f"${env}) to the folder that holds the four IDX files (from {url})"
+                    f"{title} not found: {root / stem}(.gz) is missing; get it with `selfkd data "
+                    f"get {title.lower()}` (or data.download: true), or set data.root (or ${env}) "
+                    f"to the folder that holds the four IDX files (from {url})"
                 )
             files[f"{split}-{kind}"] = found
     out = []
