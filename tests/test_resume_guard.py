@@ -234,3 +234,8 @@ def test_a_superior_of_another_width_is_refused_naming_the_option(tiny_dict, tmp
     err = one_line_error(capsys)
     assert f"checkpoint {last} holds another model than this run builds" in err, err
     assert "model.options.width=4 (this run: 8)" in err and "fingerprint" not in err
+    student = Path(tiny_dict["run"]["out_dir"]) / "student"
+    assert not student.exists()  # the refused run leaves no folder behind
+    # the lock was released: the corrected run trains in the same process
+    assert main(["train", "-c", str(config), "-q", "--set", "model.options.width=4"]) == 0
+    assert read_final(student)["status"] == "finished"

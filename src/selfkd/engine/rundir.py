@@ -143,6 +143,18 @@ class RunDir:
             handle.close()
             self._lock = None
 
+    def remove_empty(self) -> None:
+        """Remove a run folder that holds no run: only an empty log, the lock file and empty
+        folders (what a run refused while starting leaves). Anything else keeps it."""
+        with contextlib.suppress(OSError):
+            log = self.path / "train.log"
+            if log.is_file() and log.stat().st_size == 0:
+                log.unlink()
+            (self.path / ".in-use.lock").unlink(missing_ok=True)
+            for folder in (self.path / "checkpoints", self.path):
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+
     def prepare(self, *, resume: bool, overwrite: bool) -> None:
         """Create the directory; check it is writable and not holding another run; delete the
         temporary files of writes a killed process left. Call it holding :meth:`acquire` (it

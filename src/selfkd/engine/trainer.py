@@ -227,6 +227,21 @@ def _num_outputs(model: nn.Module) -> int:
     raise TrainingError("an empty evaluation shard needs model.classifier to know the classes")
 
 
+def _abandon_on_failure(init: Callable[..., None]) -> Callable[..., None]:
+    """``Trainer.__init__`` that, when it fails, releases the run directory and removes the
+    folder it created (so a refused run leaves nothing behind that blocks a rerun)."""
+
+    @functools.wraps(init)
+    def wrapper(self: Trainer, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            self._abandon()
+            raise
+
+    return wrapper
+
+
 class Trainer:
     """Trains one model with one method under one config, in one run directory.
 
@@ -234,6 +249,7 @@ class Trainer:
     :class:`~selfkd.data.DataBundle`); otherwise they are built from the config's registries.
     """
 
+    @_abandon_on_failure
     def __init__(
         self,
         cfg: Config,
@@ -273,6 +289,7 @@ class Trainer:
             raise ConfigError("run.sync_bn needs CUDA (SyncBatchNorm has no CPU kernel)")
 
         self.run = RunDir(run_dir or Path(cfg.run.out_dir) / cfg.run.name)
+        self._created_dir = self.is_main and not self.run.path.exists()
         # Check the run directory before any expensive work (dataset loading).
         if self.run.holds_run() and not (resume or overwrite):
             self.run.prepare(resume=False, overwrite=False)  # raises RunDirError
@@ -487,6 +504,20 @@ class Trainer:
         if self.mixer is not None:
             resolved["data"]["mix"] = self.mixer.describe(split=self.mix_split)
         return resolved
+
+    def _abandon(self) -> None:
+        """After a failed construction: close the log, release the lock, and remove the run
+        folder if this trainer created it and it holds no run (only the log, lock, empty
+        checkpoints folder)."""
+        log = getattr(self, "log", None)
+        if log is not None:
+            close_logger(log)
+        run = getattr(self, "run", None)
+        if run is None:
+            return
+        run.release()
+        if getattr(self, "_created_dir", False) and not run.holds_run():
+            run.remove_empty()
 
     def _model_config(self) -> dict[str, Any] | None:
         """This run's ``model`` section (None for a model given through the Python API)."""
