@@ -126,6 +126,15 @@ def test_execution_settings_may_change_on_resume(stopped_run, tmp_path, capsys):
     assert metric_rows(run) == full
 
 
+def test_the_runs_own_config_yaml_resumes_it(stopped_run, tmp_path):
+    """The advice of the refusal works: RUN/config.yaml (the resolved config, with a moved
+    run.out_dir) resumes the run to the metrics of the uninterrupted one."""
+    run, data, full = _copy(stopped_run, tmp_path)
+    sets = ["--set", f"run.out_dir={data['run']['out_dir']}"]
+    assert main(["train", "-c", str(run / "config.yaml"), *sets, "--resume", "-q"]) == 0
+    assert metric_rows(run) == full
+
+
 class _Kill(BaseException):
     """Stands for SIGKILL: nothing in the trainer catches it, nothing is recorded."""
 
