@@ -316,3 +316,20 @@ def test_a_missing_dataset_says_how_to_download_it(name, hint, tmp_path):
     with pytest.raises(DataError) as info:
         DATASETS.get(name)(str(tmp_path))
     assert hint in str(info.value) and "\n" not in str(info.value)
+
+
+def test_readme_first_gpu_run_is_three_working_lines(capsys):
+    import re
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"three lines.*?```bash\n(.*?)```", readme, re.S).group(1).splitlines()
+    assert len(block) == 3 and block[0].startswith("pip install -e '.[all]'")
+    assert block[1] == "selfkd data get cifar100"
+    from selfkd.cli import build_parser
+
+    args = build_parser().parse_args(block[1].split()[1:])
+    assert args.func.__name__ == "cmd_data_get" and args.name == "cifar100"
+    sweep = block[2].split()
+    assert sweep[:2] == ["selfkd", "sweep"]
+    assert main([*sweep[1:], "--dry-run"]) == 0
+    assert "cifar100" in capsys.readouterr().out
