@@ -248,3 +248,27 @@ def test_a_superior_of_another_width_is_refused_naming_the_option(tiny_dict, tmp
     # the lock was released: the corrected run trains in the same process
     assert main(["train", "-c", str(config), "-q", "--set", "model.options.width=4"]) == 0
     assert read_final(student)["status"] == "finished"
+
+
+def test_a_second_ctrl_c_prints_a_command_that_works(stopped_run, tmp_path, capsys, monkeypatch):
+    """KeyboardInterrupt (a second Ctrl-C): with a checkpoint the printed command resumes;
+    before anything was saved it is the plain command (--resume would find nothing)."""
+    import selfkd.engine.runner as runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run, data, _ = _copy(stopped_run, tmp_path)
+    config = write_config(tmp_path / "c.yaml", data)
+    monkeypatch.setattr(runner, "train", interrupted)
+    assert main(["train", "-c", str(config), "-q"]) == 130
+    err = capsys.readouterr().err
+    assert f"the last checkpoint is {run}/checkpoints/last.pt" in err
+    assert f"resume with: selfkd train --config {config} --resume" in err
+
+    assert main(["train", "-c", str(config), "-q", "--set", "run.name=other"]) == 130
+    err = capsys.readouterr().err
+    line = f"start again with: selfkd train --config {config} --set run.name=other"
+    assert line in err and "--resume" not in err
+    monkeypatch.undo()
+    assert main([*line.removeprefix("start again with: selfkd ").split(), "-q"]) == 0

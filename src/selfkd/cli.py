@@ -70,11 +70,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         if isinstance(exc, RunInterrupted):
             print(f"\n{exc}\nresume with: {resume}", file=sys.stderr)
             return exc.exit_code
-        print(
-            f"\ninterrupted; the last finished epoch is saved in {run_path}/checkpoints/last.pt"
-            f"\nresume with: {resume}",
-            file=sys.stderr,
-        )
+        from selfkd.engine.runner import phase1_pending
+        from selfkd.methods import build_method
+
+        if RunDir(run_path).has_checkpoint():
+            saved = f"the last checkpoint is {run_path}/checkpoints/last.pt"
+        elif RunDir(run_path).holds_run() or phase1_pending(cfg, build_method(cfg.method)):
+            saved = "--resume starts (or, in phase 1, continues) what had no checkpoint yet"
+        else:  # stopped before anything was written: --resume would find nothing
+            print(
+                f"\ninterrupted before anything was saved; start again with: {shlex.join(words)}",
+                file=sys.stderr,
+            )
+            return 130
+        print(f"\ninterrupted; {saved}\nresume with: {resume}", file=sys.stderr)
         return 130
     from selfkd.engine.distributed import is_main
 
