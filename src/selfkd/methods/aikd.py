@@ -21,8 +21,9 @@ Two phases (paper §3.1, figure 2):
 
 Defaults (``AIKDParams``): α_CE 0.6, α_G 0.1, α_P 0.3 (paper table 6), ω 0.1 (table 5), τ_G 3,
 τ_P 1 (figure 7b), λ 10 and critic Adam lr 1e-4 (§4.2), critic FC 64 → 32 (§4.2, figure 7a).
-The critic's Adam betas (0.5, 0.9) are the WGAN-GP convention (Gulrajani et al. 2017); the
-paper gives none. n_critic 1 (one critic update per student step; the paper gives none).
+The critic's Adam betas (0.5, 0.9) and n_critic 1 (one critic update per student step) are ours;
+the paper gives neither. WGAN-GP's Algorithm 1 (Gulrajani et al. 2017) uses betas (0, 0.9) and
+5 critic updates: ``--set method.critic_betas=[0,0.9] --set method.n_critic=5``.
 
 Decisions (SPEC §1):
 
@@ -30,13 +31,23 @@ Decisions (SPEC §1):
   Linear(64→32) → LeakyReLU(0.2) → Linear(32→1). The paper stops at FC(32); a Wasserstein critic
   needs one score, hence the final layer. ``critic_norm``: ``batchnorm`` (paper, default),
   ``layernorm`` or ``none`` (BatchNorm couples samples, which the per-sample gradient penalty
-  does not assume). ``critic_input``: ``logits`` (paper §4.2) or ``probs`` (softmax, both sides).
+  does not assume). ``critic_head``: ``linear`` (default) or ``mean`` (the paper's figure read
+  literally: no layer after FC(32), the score is the mean of its 32 outputs). ``critic_input``:
+  ``logits`` (paper §4.2), ``probs`` (softmax, both sides) or ``log_probs`` (log-softmax).
 - **Step order**: forward the student (with grad) and the superior (eval mode, ``no_grad``, same
   augmented batch); take the previous-epoch predictions; update the critic ``n_critic`` times on
   detached float32 inputs with its own Adam optimizer and autocast disabled (mixed-precision
   safe); a non-finite critic loss raises :class:`~selfkd.errors.TrainingError` naming the global
   step; then compute L_AI with the critic frozen (no parameter gradient, eval mode: a BatchNorm
-  critic scores the student with its running statistics) and return it for the engine to step.
+  critic scores the student with its running statistics, or with the student batch's own
+  statistics under ``critic_bn_mode: batch``, running statistics untouched) and return it for
+  the engine to step.
+- **Warm-up of ω**: ``omega_start_epoch`` epochs without L_A, then a linear ramp from 0 to ω over
+  ``omega_warmup`` (a fraction of all training steps); the critic trains from the first step. A
+  warm-up that would end after the run is refused (ConfigError) at setup.
+- **Superior seed** ``superior_seed``: null (the student's ``run.seed``, default) or the seed of
+  the phase-1 run that ``superior: auto`` trains or reuses (:meth:`AIKD.teacher_seed`), i.e. an
+  independently initialized superior with its own data order.
 - **Critic batches**: real, fake and interpolated samples go through the critic in one forward
   (shared BatchNorm statistics, see :func:`selfkd.losses.wgan_critic_loss`). A BatchNorm critic
   cannot train on a batch of one sample: such a step skips the critic update and the adversarial
@@ -63,7 +74,10 @@ Decisions (SPEC §1):
   own optimizer: :meth:`AIKD.main_optimizer_modules` is empty.
 - Terms logged: ``ce``, ``guide``, ``progressive``, ``adversarial`` (unweighted; a term whose
   weight is 0 is absent), ``critic_loss``, ``critic_wdist`` (mean D(real) − mean D(fake)),
-  ``critic_gp``, ``adv_skipped`` (when ω > 0) and ``loss`` (the total L_AI).
+  ``critic_gp``, ``adv_skipped`` (when ω > 0), ``omega_eff`` (with a warm-up) and ``loss`` (the
+  total L_AI). Diagnostics (``diagnostics: true``, default; device tensors, no host read, no
+  effect on the loss or its gradient): :func:`output_stats` of the student and the superior and,
+  when L_A is computed, :func:`adversarial_gradient_stats`.
 - **DDP** (the engine plugs in both hooks): the bank's ``update`` goes through
   :attr:`AIKD.gather` (every rank writes every rank's rows, so all banks are identical); the
   critic's gradients and BatchNorm running statistics are averaged over the ranks before each
