@@ -49,7 +49,9 @@ class RunConfig:
     log_every: int = 0
     best_metric: str = "top1_err"
     eval_every: int = 1
-    nonfinite: str = "stop"  # stop | skip: what a NaN/Inf loss does
+    #: stop | skip: what a NaN/Inf loss does. skip drops such steps (at most max_skipped_steps);
+    #: it cannot undo weights that a step with a finite loss blew up (that run stops anyway)
+    nonfinite: str = "stop"
     max_skipped_steps: int = 20
     # steps between host checks of the device-side non-finite record (and, under DDP, of stop
     # signals); 1 = every step. A stop signal is acted on at the next check.

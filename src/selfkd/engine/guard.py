@@ -8,6 +8,11 @@ that step. The trainer reads the record (one transfer) every ``run.check_every``
 end of every epoch and before every checkpoint (``run.nonfinite: stop``), so a diverged run
 still stops naming its first bad step, and no checkpoint ever holds the diverged weights.
 ``run.nonfinite: skip`` must decide before the optimizer step, so it reads the flag every step.
+
+What neither mode sees is a step whose loss is finite but whose update blows the weights up (a
+NaN or huge gradient): skipping later steps cannot repair such weights. The trainer therefore
+stops at once when a step to skip finds the weights no longer finite, checks the weights before
+writing any checkpoint, and treats NaN/Inf logits at evaluation as a training divergence.
 """
 
 from __future__ import annotations
