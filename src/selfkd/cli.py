@@ -220,8 +220,39 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_configs_list(args: argparse.Namespace) -> int:
+    from selfkd.shipped import configs_root, describe_config, list_configs
+
+    print(f"shipped configs ({configs_root()}); use a name as `selfkd train -c NAME`:")
+    for name in list_configs():
+        kind, about = describe_config(name)
+        print(f"  {name:<42} {kind:<6} {about}")
+    return 0
+
+
+def cmd_configs_copy(args: argparse.Namespace) -> int:
+    from selfkd.shipped import copy_configs
+
+    written = copy_configs(args.names, args.to, overwrite=args.overwrite)
+    print(f"copied {len(written)} file(s) into {args.to}/ (with the files they are based on)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from selfkd.engine.export import export_run
+
+    for path in export_run(
+        args.run, args.format, which=args.checkpoint, out=args.out, overwrite=args.overwrite
+    ):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from selfkd import __version__
+
     parser = argparse.ArgumentParser(prog="selfkd", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"selfkd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a config (phase 1 first when the method needs it)")
@@ -294,6 +325,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list methods, datasets and models")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("configs", help="the configs shipped with selfkd: list, copy")
+    configs_sub = p.add_subparsers(dest="configs_command", required=True)
+    q = configs_sub.add_parser("list", help="every shipped config's name (`-c NAME` takes it)")
+    q.set_defaults(func=cmd_configs_list)
+    q = configs_sub.add_parser("copy", help="copy shipped configs (and their bases) to edit")
+    q.add_argument("names", nargs="*", help="configs or folders, e.g. paper/aikd (default: all)")
+    q.add_argument("--to", default="configs", help="destination folder (default: ./configs)")
+    q.add_argument("--overwrite", action="store_true", help="replace files already there")
+    q.set_defaults(func=cmd_configs_copy)
+
+    p = sub.add_parser("export", help="write a run's weights (safetensors) and config")
+    p.add_argument("run", help="run directory (or a checkpoint .pt file)")
+    p.add_argument("--format", default="safetensors", choices=["safetensors"])
+    p.add_argument("--checkpoint", choices=["last", "best"], default="last")
+    p.add_argument("--out", help="folder to write into (default: RUN/export)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="datasets: `selfkd data get NAME` downloads one")
     data_sub = p.add_subparsers(dest="data_command", required=True)

@@ -445,10 +445,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         from selfkd.shipped import is_sweep, resolve_config
 
-        path = resolve_config(path)
+        given, path = path, resolve_config(path)
         if is_sweep(load_yaml_file(path, "config")):
             raise ConfigError(
-                f"{path} is a sweep file (it has grid: or runs:); run it with `selfkd sweep`"
+                f"{given} is a sweep file (it has grid: or runs:), not a config; run it with "
+                f"`selfkd sweep {given}`"
             )
     data = read_yaml(path) if path is not None else {}
     if path is not None and not data:

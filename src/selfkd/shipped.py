@@ -35,9 +35,7 @@ def list_configs() -> list[str]:
     root = configs_root()
     if root is None:
         return []
-    return sorted(
-        p.relative_to(root).with_suffix("").as_posix() for p in root.rglob(f"*{SUFFIX}")
-    )
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob(f"*{SUFFIX}"))
 
 
 def shipped_path(name: str) -> Path | None:
@@ -71,6 +69,25 @@ def resolve_config(path: str | Path, what: str = "config") -> Path:
 def is_sweep(data: object) -> bool:
     """Whether a parsed YAML file is a sweep (``grid:`` or ``runs:``) rather than a config."""
     return isinstance(data, dict) and ("grid" in data or "runs" in data)
+
+
+def describe_config(name: str) -> tuple[str, str]:
+    """(kind, first comment line) of shipped config ``name``; kind is config, sweep or base
+    (``_``-prefixed files and ``base/`` folders hold what others build on)."""
+    path = shipped_path(name)
+    if path is None:
+        raise ConfigError(f"no shipped config named {name!r}; `selfkd configs list` shows them")
+    text = path.read_text()
+    about = next((ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#")), "")
+    try:
+        sweep = is_sweep(yaml.safe_load(text))
+    except yaml.YAMLError:
+        sweep = False
+    parts = name.split("/")
+    kind = (
+        "sweep" if sweep else "base" if parts[-1].startswith("_") or "base" in parts else "config"
+    )
+    return kind, about
 
 
 def _with_bases(path: Path, root: Path) -> list[Path]:
