@@ -213,3 +213,14 @@ def test_train_from_local_weights_then_eval_rebuilds_by_name(tiny_dict, tmp_path
     assert main(["eval", str(run), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["top1_err"] == pytest.approx(final["test_top1_err"])
+
+
+def test_drg_on_a_vit_without_spatial_stages_is_one_line(tiny_dict):
+    cfg = config_from_dict(
+        synthetic(tiny_dict, "timm/test_vit", {"name": "drg"}, img_size=32, patch_size=8)
+    )
+    with pytest.raises(ModelError) as info:
+        train(cfg, quiet=True)
+    message = str(info.value)
+    assert message.startswith("method drg needs feature taps ['stage2']: model VisionTransformer")
+    assert "available: pooled" in message and "\n" not in message
