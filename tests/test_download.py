@@ -333,3 +333,16 @@ def test_readme_first_gpu_run_is_three_working_lines(capsys):
     assert sweep[:2] == ["selfkd", "sweep"]
     assert main([*sweep[1:], "--dry-run"]) == 0
     assert "cifar100" in capsys.readouterr().out
+
+
+def test_progress_bar_and_log_lines(tmp_path, server, monkeypatch, capsys):
+    serve(server, monkeypatch, "fashion-mnist", tmp_path)
+    lines: list[str] = []
+    folder = download.fetch_dataset(
+        "fashion-mnist", str(tmp_path / "data"), progress=True, log=lines.append
+    )
+    assert folder == tmp_path / "data" / "fashion-mnist"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(w.mnist_gz_files())
+    assert lines[0] == f"downloading {server.url}/train-images-idx3-ubyte.gz"
+    assert lines[-1] == f"Fashion-MNIST is ready in {folder}"
+    assert "100%" in capsys.readouterr().err  # the bar reached the end for each file

@@ -224,3 +224,30 @@ def test_drg_on_a_vit_without_spatial_stages_is_one_line(tiny_dict):
     message = str(info.value)
     assert message.startswith("method drg needs feature taps ['stage2']: model VisionTransformer")
     assert "available: pooled" in message and "\n" not in message
+
+
+def test_tv_pretrained_true_gets_a_new_head_for_another_class_count(monkeypatch):
+    """The library's weights (faked: no network) load; the 1000-class head is replaced."""
+    import torchvision
+    import torchvision.models._api as api
+
+    torch.manual_seed(3)
+    library = torchvision.models.resnet18(num_classes=1000).state_dict()
+    urls = []
+
+    def fake_download(url, *args, **kwargs):
+        urls.append(url)
+        return library
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", fake_download)
+    with pytest.warns(UserWarning, match="pretrained with 1000 classes; the classifier is new"):
+        model = build_model("tv/resnet18", num_classes=4, pretrained=True)
+    assert urls and urls[0].startswith("https://download.pytorch.org/models/resnet18")
+    assert torch.equal(model.conv1.weight, library["conv1.weight"])
+    assert torch.equal(model.layer4[1].bn2.running_var, library["layer4.1.bn2.running_var"])
+    assert model.fc.out_features == 4 and model.classifier is model.fc
+    assert model.taps["pooled"] == "fc:input"
+    # one input channel: the pretrained RGB filters are averaged into the new first conv
+    gray = build_model("tv/resnet18", num_classes=4, in_channels=1, pretrained=True)
+    expected = library["conv1.weight"].mean(dim=1, keepdim=True) * 3
+    torch.testing.assert_close(gray.conv1.weight, expected)
