@@ -346,3 +346,14 @@ def test_progress_bar_and_log_lines(tmp_path, server, monkeypatch, capsys):
     assert lines[0] == f"downloading {server.url}/train-images-idx3-ubyte.gz"
     assert lines[-1] == f"Fashion-MNIST is ready in {folder}"
     assert "100%" in capsys.readouterr().err  # the bar reached the end for each file
+
+
+def test_data_download_does_not_change_the_phase1_key(tiny_dict):
+    """Phase-1 runs are shared by key; downloading the data does not change what they learn."""
+    from selfkd.config import config_from_dict
+    from selfkd.engine.runner import phase1_key
+
+    cfg = config_from_dict(tiny_dict)
+    fetched = cfg.copy()
+    fetched.data.download = True
+    assert phase1_key(fetched) == phase1_key(cfg)

@@ -55,7 +55,11 @@ LATER_KEYS: dict[str, dict[str, Any]] = {
     "train": {},
 }
 #: keys that do not change what phase 1 learns
-IGNORED_KEYS: dict[str, tuple[str, ...]] = {"data": ("workers",), "model": (), "train": ()}
+IGNORED_KEYS: dict[str, tuple[str, ...]] = {
+    "data": ("workers", "download"),
+    "model": (),
+    "train": (),
+}
 
 
 #: the run.* keys phase1_key leaves out: phase-1 runs are shared by runs that differ in them,
