@@ -357,3 +357,17 @@ def test_data_download_does_not_change_the_phase1_key(tiny_dict):
     fetched = cfg.copy()
     fetched.data.download = True
     assert phase1_key(fetched) == phase1_key(cfg)
+
+
+def test_a_resume_may_switch_data_download(tiny_dict):
+    """data.download says where the files come from, not what is learnt: a resume may change it
+    (any key that shapes training is still refused)."""
+    from selfkd.config import config_from_dict
+    from selfkd.engine.resume import config_differences
+
+    before = config_from_dict(tiny_dict).to_dict()
+    after = config_from_dict(tiny_dict)
+    after.data.download = True
+    assert config_differences(before, after.to_dict()) == []
+    after.data.batch_size = 8
+    assert [k for k, *_ in config_differences(before, after.to_dict())] == ["data.batch_size"]

@@ -34,6 +34,7 @@ RESUME_MAY_CHANGE: frozenset[str] = frozenset(
         "run.compile",
         "run.channels_last",
         "data.root",
+        "data.download",
         "data.workers",
         "data.eval_batch_size",
     }
