@@ -371,3 +371,33 @@ def test_a_resume_may_switch_data_download(tiny_dict):
     assert config_differences(before, after.to_dict()) == []
     after.data.batch_size = 8
     assert [k for k, *_ in config_differences(before, after.to_dict())] == ["data.batch_size"]
+
+
+def test_concurrent_downloads_fetch_once(tmp_path, server, monkeypatch):
+    """Two processes (DDP ranks) asking at once: the lock makes one download, the other waits
+    and finds the dataset there."""
+    serve(server, monkeypatch, "cifar10", tmp_path)
+    root = tmp_path / "data"
+    results: list[Path] = []
+
+    def get() -> None:
+        results.append(download.fetch_dataset("cifar10", str(root), log=lambda s: None))
+
+    threads = [threading.Thread(target=get) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [root / "cifar-10-batches-py"] * 3
+    assert server.requests == ["cifar-10-python.tar.gz"]
+    assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py"]
+
+
+def test_http_error_names_the_status(tmp_path, server, monkeypatch, capsys):
+    serve(server, monkeypatch, "mit67", tmp_path)
+    del server.files["TestImages.txt"]
+    root = tmp_path / "data"
+    assert main(["data", "get", "mit67", "--root", str(root)]) == 2
+    err = one_line_error(capsys)
+    assert f"{server.url}/TestImages.txt: the server answered HTTP 404 Not Found" in err
+    assert not root.exists()
