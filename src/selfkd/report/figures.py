@@ -555,7 +555,8 @@ def critic_figure(groups: Sequence[Group], path: str | Path, setting: str | None
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    axes[-3].axhline(0.0, color="black", linewidth=0.6)
+    for ax in (axes[3], axes[6]):  # the Wasserstein estimate and the cosines: the sign matters
+        ax.axhline(0.0, color="black", linewidth=0.6)
     axes[0].legend(fontsize=8, loc="best")
     methods = ", ".join(f"{g.label} ({_seeds(len(rows))})" for g, rows in data)
     title = f"AI-KD diagnostics on the training batches, per epoch: {methods}"
