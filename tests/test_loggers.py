@@ -329,3 +329,22 @@ def test_config_and_final_record_the_environment(tiny_dict):
             }
         ).to_dict()
     )
+
+
+@pytest.mark.slow
+def test_two_processes_log_one_tracker_run_from_rank_0_and_record_world_size_2(
+    tmp_path, mlflow_store
+):
+    from test_distributed import config, torchrun
+
+    cfg = config(tmp_path, "ddp", {"name": "ce"}, train__epochs=2, run__loggers=["mlflow"])
+    torchrun(tmp_path, [{"config": cfg, "dump": str(tmp_path / "dump")}], "loggers")
+    run = tmp_path / "runs" / "ddp"
+    (found,) = _mlflow_runs()  # rank 1 started none
+    assert found.info.status == "FINISHED"
+    assert found.data.params["meta.world_size"] == "2"
+    assert yaml.safe_load((run / "config.yaml").read_text())["meta"]["world_size"] == 2
+    assert read_final(run)["world_size"] == 2
+    assert found.data.metrics["final/test_top1_err"] == pytest.approx(
+        read_final(run)["test_top1_err"]
+    )
