@@ -251,3 +251,26 @@ def test_tv_pretrained_true_gets_a_new_head_for_another_class_count(monkeypatch)
     gray = build_model("tv/resnet18", num_classes=4, in_channels=1, pretrained=True)
     expected = library["conv1.weight"].mean(dim=1, keepdim=True) * 3
     torch.testing.assert_close(gray.conv1.weight, expected)
+
+
+def test_library_model_names_in_sweeps_and_phase1_runs(tiny_dict, tmp_path):
+    """timm/<name> in a run-name template or a phase-1 name becomes timm-<name> (not a path)."""
+    from selfkd.engine.runner import phase1_config
+    from selfkd.sweep import load_sweep
+
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(tiny_dict))
+    spec = {
+        "base": str(base),
+        "name": "{model}-{method}-s{seed}",
+        "out_dir": str(tmp_path / "runs"),
+        "grid": {"model.name": ["timm/test_resnet", "tv/resnet18"], "method": ["ce"]},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    names = [r.name for r in load_sweep(path).runs]
+    assert names == ["timm-test_resnet-ce-s0", "tv-resnet18-ce-s0"]
+    cfg = config_from_dict(synthetic(tiny_dict, "timm/test_resnet", {"name": "aikd"}))
+    phase1 = phase1_config(cfg)
+    assert phase1.run.name.startswith("synthetic-timm-test_resnet-seed0-")
+    assert "/" not in phase1.run.name

@@ -196,6 +196,8 @@ def _field_value(value: Any) -> Any:
         return "-".join(str(_field_value(v)) for v in value) or "none"
     if value is None:
         return "none"
+    if isinstance(value, str):
+        return value.replace("/", "-")  # timm/resnet50 -> timm-resnet50: run names are not paths
     return value
 
 
@@ -218,7 +220,7 @@ def template_fields(cfg: Config, overrides: dict[str, Any]) -> dict[str, Any]:
         method=method_label(cfg.method),
         seed=cfg.run.seed,
         dataset=cfg.data.name,
-        model=cfg.model.name,
+        model=_field_value(cfg.model.name),
     )
     return fields
 

@@ -39,7 +39,8 @@ def phase1_config(cfg: Config) -> Config:
     phase1.method = {"name": "ce"}
     phase1.run.seed = build_method(cfg.method).teacher_seed(cfg.run.seed)
     key = phase1_key(phase1)
-    phase1.run.name = f"{cfg.data.name}-{cfg.model.name}-seed{phase1.run.seed}-{key}"
+    model = cfg.model.name.replace("/", "-")  # timm/<name>: a run name is not a path
+    phase1.run.name = f"{cfg.data.name}-{model}-seed{phase1.run.seed}-{key}"
     phase1.run.out_dir = str(Path(cfg.run.out_dir) / PHASE1_DIR)
     phase1.run.tensorboard = False
     phase1.run.loggers = ["csv"]  # trackers show the runs asked for; phase 1 has its own files
