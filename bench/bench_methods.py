@@ -13,10 +13,10 @@ CE is the ratio of median per-step times; the spread is the range of the per-rou
 
 Rows: every method in ``selfkd.methods.METHODS`` with its default parameters (all submodules of
 ``selfkd.methods`` are imported first, so methods not yet imported by the package are found too),
-AI-KD twice (``prev_source: bank`` and ``prev_source: snapshot``). Methods that need a phase-1
-model (AI-KD's superior, TF-KD-self's teacher) get a checkpoint of the untrained CE trainer (same
-architecture; speed does not depend on its weights). A method that fails to build or to step is
-skipped with a printed note.
+AI-KD twice (``prev_source: bank`` and ``prev_source: snapshot``), ``stack`` as PS-KD + DRG.
+Methods that need a phase-1 model (AI-KD's superior, TF-KD-self's teacher) get a checkpoint of
+the untrained CE trainer (same architecture; speed does not depend on its weights). A method
+that fails to build or to step is skipped with a printed note.
 
 Memory: ``extra state`` is the size of the method's ``state_dict()`` tensors (prediction banks,
 critic and its optimizer state, AI-KD's snapshot weights); ``frozen models`` are models a method
@@ -117,6 +117,8 @@ def variants(
         if name == "aikd":
             rows.append(("aikd (bank)", {"name": "aikd", "prev_source": "bank"}))
             rows.append(("aikd (snapshot)", {"name": "aikd", "prev_source": "snapshot"}))
+        elif name == "stack":  # needs parts: the DRG/DSR paper's table III combination
+            rows.append(("stack (pskd + drg)", {"name": "stack", "parts": {"pskd": {}, "drg": {}}}))
         else:
             rows.append((name, {"name": name}))
     return rows + list(specs)
