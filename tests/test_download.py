@@ -401,3 +401,13 @@ def test_http_error_names_the_status(tmp_path, server, monkeypatch, capsys):
     err = one_line_error(capsys)
     assert f"{server.url}/TestImages.txt: the server answered HTTP 404 Not Found" in err
     assert not root.exists()
+
+
+def test_a_dataset_the_reader_finds_elsewhere_is_not_downloaded(tmp_path, server, monkeypatch):
+    """data.root pointing at the dataset folder itself: found, nothing fetched."""
+    serve(server, monkeypatch, "cifar10", tmp_path)
+    folder = w.write_cifar10(tmp_path / "mine")
+    assert main(["data", "get", "cifar10", "--root", str(folder)]) == 0
+    assert server.requests == []
+    assert sorted(p.name for p in folder.iterdir())[0] == "batches.meta"
+    assert not (folder / "cifar-10-batches-py").exists()

@@ -165,13 +165,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_data_get(args: argparse.Namespace) -> int:
     from selfkd.data import DATASETS
-    from selfkd.data.download import fetch_dataset, source
+    from selfkd.data.download import load_with_download, source
 
     src = source(args.name)
-    folder = fetch_dataset(src.dataset, args.root, progress=sys.stderr.isatty())
-    raw = DATASETS.get(src.dataset)(args.root)  # read it back: the layout is what we read
+    factory = DATASETS.get(src.dataset)
+    # read where the reader finds it (downloading only when it is absent): the layout is ours
+    raw = load_with_download(src.dataset, args.root, lambda: factory(args.root))
     print(
-        f"{src.title} in {folder}: {len(raw.train)} train / {len(raw.test)} test images, "
+        f"{src.title} in {raw.root}: {len(raw.train)} train / {len(raw.test)} test images, "
         f"{raw.num_classes} classes; use it with --set data.name={src.dataset}"
         + (f" --set data.root={args.root}" if args.root else "")
     )
