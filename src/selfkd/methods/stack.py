@@ -9,7 +9,8 @@ stack runs any such combination::
         pskd: {}             #   {name: ..., **params} entries, or of names)
         drg: {alpha: 0.2, taps: [stage2]}
 
-``--set method.parts.drg.alpha=0.5`` sets one part's parameter.
+``--set method.parts.drg.alpha=0.5`` sets one part's parameter. Without ``parts`` a stack is
+PS-KD + DRG with their defaults.
 
 Loss. Every part computes its own loss on the **same** logits (one forward of the student per
 step), and each part's loss holds the main head's hard-label cross-entropy once (DRG's and DSR's
@@ -156,11 +157,16 @@ def normalize_parts(parts: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _default_parts() -> dict[str, dict[str, Any]]:
+    return {"pskd": {}, "drg": {}}
+
+
 @dataclass
 class StackParams:
-    """The stacked parts: ``{name: params}`` (or a list of ``{name: ..., **params}``)."""
+    """The stacked parts: ``{name: params}`` (or a list of ``{name: ..., **params}``); by
+    default PS-KD + DRG, the first stacked row of the DRG/DSR paper's table III."""
 
-    parts: Any = field(default_factory=dict)
+    parts: Any = field(default_factory=_default_parts)
 
     def validate(self) -> None:
         self.parts = normalize_parts(self.parts)
