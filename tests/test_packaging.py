@@ -251,3 +251,18 @@ def test_a_fresh_install_runs_a_shipped_config_by_name_from_another_folder(wheel
     final = elsewhere / "runs" / "smoke-ce" / "final.json"
     assert '"status": "finished"' in final.read_text()
     assert '"git_commit": null' in final.read_text()  # no checkout: no commit to record
+
+
+def test_stanford_dogs_without_scipy_names_the_extra(tmp_path, monkeypatch):
+    from selfkd.data.finegrained import _read_dogs_list
+    from selfkd.errors import DataError
+
+    monkeypatch.setitem(sys.modules, "scipy.io", None)
+    path = tmp_path / "train_list.mat"
+    path.write_bytes(b"")
+    with pytest.raises(DataError) as err:
+        _read_dogs_list(path, tmp_path / "Images", "stanford-dogs", "")
+    assert str(err.value) == (
+        "stanford-dogs: reading train_list.mat needs scipy; pip install 'selfkd[datasets]' "
+        "(or scipy)"
+    )

@@ -256,7 +256,7 @@ def _read_dogs_list(path: Path, images: Path, title: str, hint: str) -> list[Sam
         from scipy.io import loadmat
     except ImportError:
         raise DataError(
-            f"{title}: reading {path.name} needs scipy; install it (pip install scipy)"
+            f"{title}: reading {path.name} needs scipy; pip install 'selfkd[datasets]' (or scipy)"
         ) from None
     try:
         mat = loadmat(str(path))
