@@ -31,7 +31,15 @@ import torch
 from torch import Tensor
 
 # imported to register their dataset entries
-from selfkd.data import cifar, finegrained, idx, imagefolder, synthetic, tinyimagenet  # noqa: F401
+from selfkd.data import (  # noqa: F401
+    cifar,
+    finegrained,
+    idx,
+    imagefolder,
+    imagenet,
+    synthetic,
+    tinyimagenet,
+)
 from selfkd.data.augment import BatchTransform
 from selfkd.data.base import ArrayImageDataset, AugmentSpec, RawSplits
 from selfkd.data.imagefolder import FileImageDataset, build_file_transforms
@@ -153,7 +161,7 @@ def _resolve_augment(augment: Mapping[str, Any] | None, raw: RawSplits) -> Augme
         raise ConfigError(f"data.augment.crop_padding must be an integer >= 0, got {pad!r}")
     if not isinstance(flip, bool):
         raise ConfigError(f"data.augment.hflip must be true or false, got {flip!r}")
-    if spec.kind == "random_resized_crop" and "crop_padding" in augment and pad:
+    if spec.kind != "pad_crop" and "crop_padding" in augment and pad:
         raise ConfigError(
             "data.augment.crop_padding does not apply to the random-resized-crop protocol; "
             "remove it or set data.options.protocol: cifar"

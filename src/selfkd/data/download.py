@@ -338,6 +338,8 @@ def source(name: str) -> Source:
         why = {
             "imagefolder": "it reads your own folders",
             "synthetic": "it is generated, not stored",
+            "imagenet": "image-net.org needs a login: put train/<wnid>/ and val/<wnid>/ (or a "
+            "flat val/ with ILSVRC2012_devkit_t12/) in data.root yourself",
         }.get(canonical, "it has no download source")
         raise ConfigError(
             f"dataset {canonical!r} cannot be downloaded ({why}); downloadable: "

@@ -38,12 +38,15 @@ from torch import Tensor
 from torchvision import transforms as T
 
 from selfkd.data.base import AugmentSpec, RawSplits, as_index_tensor
+from selfkd.data.lighting import imagenet_train_transform
 from selfkd.data.registry import DATASETS, check_options
 from selfkd.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp",
 )  # fmt: skip
+#: augmentation kind: random-resized crop, flip, colour jitter, PCA lighting (selfkd.data.lighting)
+JITTER_LIGHTING = "random_resized_crop_jitter_lighting"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: what PIL raises for a missing, truncated, garbage or oversized image file
@@ -143,6 +146,10 @@ def build_file_transforms(
     if augment.kind == "random_resized_crop":
         train = [T.RandomResizedCrop(size), *flip]
         test = [T.Resize(round(size * 8 / 7)), T.CenterCrop(size)]
+    elif augment.kind == JITTER_LIGHTING:  # ImageNet protocol of PS-KD §4.2
+        test = [T.Resize(round(size * 8 / 7)), T.CenterCrop(size)]
+        eval_tf = T.Compose(test + tail)
+        return imagenet_train_transform(size, mean, std, augment.hflip), eval_tf
     elif augment.kind == "pad_crop":
         test = [T.Resize(size), T.CenterCrop(size)]
         crop = [T.RandomCrop(size, padding=augment.crop_padding)] if augment.crop_padding else []

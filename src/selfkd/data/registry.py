@@ -4,8 +4,8 @@ Each entry is a function ``(root: str | None, **options) -> RawSplits`` register
 :data:`DATASETS`; its first docstring line is what ``selfkd list`` shows. Entries validate their
 options with :func:`check_options` (unknown options are a ConfigError listing the accepted ones).
 The built-in entries (cifar10, cifar100, fashion-mnist, mnist, imagefolder, synthetic,
-tiny-imagenet, cub200, stanford-dogs, mit67, fgvc-aircraft, caltech101) register themselves when
-:mod:`selfkd.data` is imported.
+tiny-imagenet, imagenet, cub200, stanford-dogs, mit67, fgvc-aircraft, caltech101) register
+themselves when :mod:`selfkd.data` is imported.
 """
 
 from __future__ import annotations
