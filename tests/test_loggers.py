@@ -226,6 +226,15 @@ def test_tensorboard_event_file_holds_every_epoch_row_config_and_final(tiny_dict
     assert "seed: 0" in text and "world_size: 1" in text
 
 
+def test_a_single_logger_name_is_a_list_of_one():
+    from selfkd.config import apply_overrides
+
+    cfg = config_from_dict(apply_overrides({}, ["run.loggers=wandb"]))
+    assert cfg.run.loggers == ["wandb"]
+    with pytest.raises(ConfigError, match=r"run\.loggers\[0\] must be a string, got 3"):
+        config_from_dict({"run": {"loggers": [3]}})
+
+
 def test_run_tensorboard_true_still_means_the_tensorboard_logger():
     cfg = config_from_dict({"run": {"tensorboard": True}})
     assert L.logger_names(cfg.run) == ["csv", "tensorboard"]

@@ -227,6 +227,8 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
         if isinstance(value, bool) and choices and "off" in choices:
             # YAML 1.1 reads a bare `off`/`on` as a boolean
             value = "off" if not value else {"run.progress": "bar"}.get(full, value)
+        if full == "run.loggers" and isinstance(value, str):
+            value = [value]  # --set run.loggers=wandb
         value = coerce(value, hints[key], full)
         if choices and value not in choices:
             raise ConfigError(

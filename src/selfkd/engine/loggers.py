@@ -311,9 +311,12 @@ def open_trackers(
         try:
             opened.append(cls(run_dir, run_name=run_name, project=project, run_id=ids.get(name)))
         except Exception as exc:  # no server, no login, bad URI: training goes on
+            hint = ""
+            if name == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI"):
+                hint = "; set MLFLOW_TRACKING_URI to your tracking server or store"
             warn(
-                f"warning: {name} logging could not start ({_one_line(exc)}); training goes on "
-                "without it (metrics.csv has every row)"
+                f"warning: {name} logging could not start ({_one_line(exc)}){hint}; training "
+                "goes on without it (metrics.csv has every row)"
             )
     recorded = {t.name: t.run_id for t in opened if t.run_id}
     if recorded and recorded != ids:
