@@ -287,6 +287,12 @@ class _DRGDSRBase(Method):
         if self.uses_dsr:
             self.prev_sorted = torch.sort(out.logits.detach().float(), dim=1).values
 
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        if described.get("tap") is None:  # folded into taps by validate()
+            described.pop("tap", None)
+        return described
+
     # --- state ------------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
         if not self.uses_dsr:
