@@ -249,6 +249,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_detect(args: argparse.Namespace) -> int:
+    from selfkd.detect.train import DetectSettings, finetune
+
+    keys = ("train_sets", "test_sets", "epochs", "lr", "min_size", "max_size", "max_iters")
+    extra = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    settings = DetectSettings(
+        voc_root=args.voc, device=args.device, checkpoint=args.checkpoint, **extra
+    )
+    finetune(args.run, settings, out=args.out, log=lambda line: print(line, file=sys.stderr))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from selfkd import __version__
 
@@ -353,6 +365,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_data_get)
     q = data_sub.add_parser("list", help="the downloadable datasets and their sources")
     q.set_defaults(func=cmd_data_list)
+
+    p = sub.add_parser("detect", help="fine-tune Faster R-CNN on VOC with a run's backbone (mAP)")
+    p.add_argument("run", help="run directory (or checkpoint .pt) of a torchvision ResNet")
+    p.add_argument("--voc", required=True, help="folder holding VOCdevkit/VOC2007 (and VOC2012)")
+    p.add_argument("--train-sets", help="YEAR:SET list (default 2007:trainval,2012:trainval)")
+    p.add_argument("--test-sets", help="YEAR:SET list (default 2007:test)")
+    p.add_argument("--epochs", type=int, help="default 10 (lr ×0.1 after epoch 5)")
+    p.add_argument("--lr", type=float, help="default 1e-3")
+    p.add_argument("--min-size", type=int, help="shorter image side (default 600)")
+    p.add_argument("--max-size", type=int, help="longer image side at most (default 1000)")
+    p.add_argument("--max-iters", type=int, help="steps per epoch at most (smoke runs)")
+    p.add_argument("--checkpoint", choices=["last", "best"], default="last")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="output folder (default RUN/detect)")
+    p.set_defaults(func=cmd_detect)
     return parser
 
 

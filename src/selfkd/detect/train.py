@@ -68,11 +68,12 @@ def finetune(
         ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto"
         else settings.device
     )  # fmt: skip
+    classifier, name = load_classifier(run, settings.checkpoint)
+    backbone = check_resnet(classifier, name)  # before the data: the cheaper check first
     train_set = voc_sets(settings.voc_root, settings.train_sets, flip=True)
     test_set = voc_sets(settings.voc_root, settings.test_sets)
-    classifier, name = load_classifier(run, settings.checkpoint)
     model = faster_rcnn(
-        check_resnet(classifier, name), num_classes=len(VOC_CLASSES) + 1,
+        backbone, num_classes=len(VOC_CLASSES) + 1,
         trainable_layers=settings.trainable_layers, min_size=settings.min_size,
         max_size=settings.max_size,
     ).to(dev)  # fmt: skip
