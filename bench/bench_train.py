@@ -38,6 +38,7 @@ import torch
 from common import environment, median, update_section
 from selfkd.config import config_from_dict
 from selfkd.engine import Trainer
+from selfkd.engine.cpu import onednn_tier
 from selfkd.engine.device import peak_memory_mb, resolve_device
 from selfkd.engine.rundir import close_logger
 
@@ -65,7 +66,12 @@ def load_average() -> str:
 
 def format_command(script: str, argv: Sequence[str]) -> str:
     """The command that reproduces this run (``argv`` without the program name)."""
-    return f"PYTHONPATH=src python bench/{script} {shlex.join(list(argv))}".rstrip()
+    env = "".join(
+        f"{k}={shlex.quote(os.environ[k])} "
+        for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+        if os.environ.get(k)
+    )
+    return f"{env}PYTHONPATH=src python bench/{script} {shlex.join(list(argv))}".rstrip()
 
 
 def bench_config(
@@ -227,6 +233,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     parser.add_argument("--write", metavar="MARKDOWN", help="update section 'train' of this file")
+    parser.add_argument(
+        "--section",
+        help="name of the section --write replaces (default: 'train', or 'train_flags' with "
+        "more than one flag); e.g. one section per CPU tier under ONEDNN_MAX_CPU_ISA",
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
@@ -338,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"torch {env['torch']}, Python {env['python']}, device `{device}`"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
         + f", {env['cpu_count']} CPUs (torch threads: {torch.get_num_threads()}), "
+        f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}, oneDNN tier "
+        f"{onednn_tier()}, "
         f"{env['machine']}, load average (1/5/15 min) {load_before} before / {load_after} after "
         "(the machine is shared: other processes make the numbers noisy; the settings are timed "
         f"alternately so they see the same load). Command: "
@@ -351,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "`run.channels_last`, `bf16` = `run.amp: bf16` (autocast). The warm-up steps include "
             "compilation.\n",
         )
-    section = "train" if len(args.flags) == 1 else "train_flags"
+    section = args.section or ("train" if len(args.flags) == 1 else "train_flags")
     table = "\n".join(rows)
     print(table)
     if args.write:

@@ -33,7 +33,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     deterministic: bool = False
-    amp: str = "off"  # off | bf16 | fp16 (CUDA only; ignored with a warning on CPU)
+    amp: str = "off"  # off | bf16 (CPU: a warning where it is emulated) | fp16 (CUDA only)
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = False  # SyncBatchNorm under DDP (CUDA only)

@@ -1,4 +1,4 @@
-"""Device choice, seeding, determinism and mixed precision."""
+"""Device choice, seeding, determinism, mixed precision, and the speed flags' CPU guards."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import contextlib
 import os
 import random
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from selfkd.engine.cpu import channels_last_refusal, native_bf16, onednn_tier
 from selfkd.errors import ConfigError
 
 
@@ -70,8 +72,38 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     if mode == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("run.amp=bf16: this GPU does not support bfloat16; use run.amp=fp16")
+        tier = onednn_tier()
+        if device.type == "cpu" and tier is not None and not native_bf16(tier):
+            warnings.warn(
+                f"run.amp=bf16 on this CPU (oneDNN tier {tier}, no AVX512-BF16 or AMX) is "
+                "emulated and slower than float32 (docs/benchmarks.md); run.amp=off trains faster",
+                stacklevel=2,
+            )
         return torch.bfloat16
     raise ConfigError(f"run.amp must be off, bf16 or fp16, got {mode!r}")
+
+
+def channels_last_allowed(
+    requested: bool, device: torch.device, modules: Iterable[nn.Module]
+) -> bool:
+    """Whether to train ``modules`` channels-last: ``requested`` (``run.channels_last``) unless
+    the CPU's kernels get it wrong for them (then a one-line warning, and the default layout,
+    which gives the same results)."""
+    if not requested:
+        return False
+    reason = channels_last_refusal(device, modules)
+    if reason is not None:
+        warnings.warn(f"run.channels_last ignored: {reason}; training in NCHW", stacklevel=2)
+        return False
+    return True
+
+
+def compile_options(device: torch.device, modules: Iterable[nn.Module]) -> dict[str, Any]:
+    """Keyword arguments for ``torch.compile``: on a CPU whose oneDNN kernels break channels-last
+    for ``modules``, inductor must not turn convolutions channels-last by itself."""
+    if channels_last_refusal(device, modules) is not None:
+        return {"options": {"layout_optimization": False}}
+    return {}
 
 
 @contextlib.contextmanager

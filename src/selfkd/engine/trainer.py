@@ -75,6 +75,8 @@ from selfkd.engine import loggers as L
 from selfkd.engine.device import (
     amp_dtype,
     autocast,
+    channels_last_allowed,
+    compile_options,
     peak_memory_mb,
     resolve_device,
     rng_state,
@@ -316,8 +318,6 @@ class Trainer:
         if self.sync_bn:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model.to(self.device)
-        if cfg.run.channels_last:
-            self.model.to(memory_format=torch.channels_last)
         self.method = method if method is not None else build_method(cfg.method)
         # data.mix: refused before the run directory is touched if the method cannot take it
         self.mixer = Mixer.from_config(cfg.data.mix, image_size=self._input_shape()[1:])
@@ -373,6 +373,12 @@ class Trainer:
         )
         self.method.setup(self.model, ctx)
         self.method.to(self.device)
+        #: run.channels_last in effect (not where the CPU's kernels get it wrong: device.py)
+        self.channels_last = channels_last_allowed(
+            cfg.run.channels_last, self.device, (self.model, self.method)
+        )
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         extra_modules = self.method.main_optimizer_modules()
         modules = [self.model, *extra_modules]
         self.optimizer = build_optimizer(modules, cfg.train)
@@ -429,9 +435,12 @@ class Trainer:
             # dynamo does not guard on hooks, so code compiled earlier in this process for the
             # same model class (a sweep's previous run, phase 1) would run without them
             torch._dynamo.config.skip_nnmodule_hook_guards = False
-            self.forward_model = torch.compile(self.forward_model)
+            options = compile_options(self.device, (self.model, self.method))
+            self.forward_model = torch.compile(self.forward_model, **options)
             self.eval_model = (
-                self.forward_model if self.ddp_model is None else torch.compile(self.model)
+                self.forward_model
+                if self.ddp_model is None
+                else torch.compile(self.model, **options)
             )
         if self.is_main:
             self.run.write_config({**self.resolved_config(), "meta": self.run_meta})
@@ -919,7 +928,7 @@ class Trainer:
         mix = None
         if self.mixer is not None:
             inputs, mix = self.mixer.apply(inputs, targets, split=self.mix_split)
-        if cfg.run.channels_last and inputs.dim() == 4:
+        if self.channels_last and inputs.dim() == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         batch = Batch(
             inputs=inputs,
@@ -1072,7 +1081,7 @@ class Trainer:
                 self.data.transform,
                 self.device,
                 self.amp,
-                self.cfg.run.channels_last,
+                self.channels_last,
             )
         return collect_logits_distributed(
             self.eval_model,
@@ -1080,7 +1089,7 @@ class Trainer:
             self.data.transform,
             self.device,
             self.amp,
-            self.cfg.run.channels_last,
+            self.channels_last,
         )
 
     def _update_best(self, row: dict[str, Any]) -> None:
