@@ -35,6 +35,8 @@ EXPECTED = {
     "aikd/table6_weights.yaml": 18,
     "aikd/table7_mix.yaml": 27,
     "pskd/table1_cifar100.yaml": 30,
+    "pskd/table4_imagenet.yaml": 5,
+    "pskd/table4_imagenet_cutmix.yaml": 5,
     "drg/table1_cifar100.yaml": 60,
     "drg/table2_tiny_imagenet.yaml": 21,
     "drg/table3_cifar100.yaml": 24,
