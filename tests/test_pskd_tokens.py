@@ -190,10 +190,12 @@ def test_pskd_objective_uses_the_previous_epoch_model_from_epoch_one():
         attention_mask=batch["attention_mask"],
         decoder_input_ids=decoder_inputs(model, batch["labels"]),
     ).logits
-    assert float(loss0) == pytest.approx(float(token_ce(logits, batch["labels"])), rel=1e-5)
+    assert float(loss0.detach()) == pytest.approx(
+        float(token_ce(logits, batch["labels"]).detach()), rel=1e-5
+    )
     obj.start_epoch(model, 1)  # snapshot == current model: target = 0.3·onehot + 0.7·p
     loss1, terms = obj(model, batch)
     prev = torch.softmax(logits.detach(), -1)
     want = pskd_token_loss(logits, batch["labels"], prev, 0.7)
     assert terms["alpha_t"] == pytest.approx(0.7)
-    assert float(loss1) == pytest.approx(float(want), rel=1e-5)
+    assert float(loss1.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
