@@ -114,7 +114,6 @@ class SelfKD:
             device=self.device,
             build_model=build_model,
             load_model=load_model,
-            config={},
             input_shape=input_shape,
         )
         self.method.setup(model, ctx)

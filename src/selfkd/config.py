@@ -4,7 +4,8 @@ A config has five sections, each a dataclass below: ``run``, ``data``, ``model``
 ``method``. The ``method`` section holds ``name`` plus that method's own hyper-parameters, which
 the method validates against its ``Params`` dataclass (a method owns its defaults). Every unknown
 key or ill-typed value raises :class:`~selfkd.errors.ConfigError` with a one-line message that
-names the key and the close matches.
+names the key and the close matches (the generic checks are :mod:`selfkd.schema`'s; ``data.mix``
+is parsed once into :attr:`DataConfig.mix_spec`, :mod:`selfkd.mixspec`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,9 @@ from typing import Any
 import yaml
 
 from selfkd.errors import ConfigError
+from selfkd.mixspec import MixSpec, parse_mix
 from selfkd.registry import close_matches
+from selfkd.schema import build_dataclass as _build_dataclass
 
 
 @dataclass
@@ -80,6 +81,18 @@ class DataConfig:
     options: dict[str, Any] = field(default_factory=dict)
     #: mixing augmentation {name: cutout|mixup|cutmix, ...} (selfkd.data.mixing); empty = off
     mix: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mix_spec(self) -> MixSpec | None:
+        """``mix`` parsed and checked (:func:`selfkd.mixspec.parse_mix`); None = no mixing.
+
+        Parsed once when the config is validated and kept with the section it came from (a
+        changed ``mix`` is parsed again)."""
+        cached = self.__dict__.get("_mix_parsed")
+        if cached is None or cached[0] != self.mix:
+            cached = (copy.deepcopy(self.mix), parse_mix(self.mix))
+            self.__dict__["_mix_parsed"] = cached
+        return cached[1]
 
 
 @dataclass
@@ -146,97 +159,20 @@ class Config:
         return copy.deepcopy(self)
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` (int -> float allowed); ConfigError if not."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(
-            f"{key} must be {' or '.join(_type_name(a) for a in args)}, got {value!r}"
-        )
-    if origin is list:
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        return [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping (key: value), got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML reads "5e-4" as a string
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key} must be a string, got {value!r}")
+def _convert(full: str, value: Any) -> Any:
+    """Config-specific spellings: YAML 1.1's bare ``off``/``on`` booleans for choices that
+    include ``off``, and ``--set run.loggers=wandb`` (one name for the list)."""
+    choices = CHOICES.get(full)
+    if isinstance(value, bool) and choices and "off" in choices:
+        value = "off" if not value else {"run.progress": "bar"}.get(full, value)
+    if full == "run.loggers" and isinstance(value, str):
+        value = [value]
     return value
 
 
 def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
-    """Instantiate dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix} must be a mapping of keys to values, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            raise ConfigError(
-                f"unknown key {prefix}.{key}{close_matches(str(key), names)}; "
-                f"valid keys: {', '.join(names)}"
-            )
-        full = f"{prefix}.{key}"
-        choices = CHOICES.get(full)
-        if isinstance(value, bool) and choices and "off" in choices:
-            # YAML 1.1 reads a bare `off`/`on` as a boolean
-            value = "off" if not value else {"run.progress": "bar"}.get(full, value)
-        if full == "run.loggers" and isinstance(value, str):
-            value = [value]  # --set run.loggers=wandb
-        value = coerce(value, hints[key], full)
-        if choices and value not in choices:
-            raise ConfigError(
-                f"{full} must be one of {', '.join(choices)}, got {value!r}"
-                f"{close_matches(str(value), list(choices))}"
-            )
-        kwargs[key] = value
-    return cls(**kwargs)
+    """:func:`selfkd.schema.build_dataclass` with the config's choices and spellings."""
+    return _build_dataclass(cls, data, prefix, choices=CHOICES, convert=_convert)
 
 
 def validate_values(cfg: Config) -> None:
@@ -274,9 +210,7 @@ def validate_values(cfg: Config) -> None:
     if "/" in cfg.run.name or cfg.run.name in (".", ".."):
         raise ConfigError(f"run.name {cfg.run.name!r} must be a plain name, not a path")
     _validate_run(cfg.run)
-    from selfkd.data.mixing import Mixer
-
-    Mixer.from_config(cfg.data.mix)  # unknown keys/values of data.mix fail here
+    _ = cfg.data.mix_spec  # data.mix parsed once, here: unknown keys and values fail
     method = cfg.method
     if not isinstance(method, dict) or not isinstance(method.get("name"), str):
         raise ConfigError("method must be a mapping with a 'name', e.g. method: {name: ce}")

@@ -49,59 +49,16 @@ of ⌊B/2⌋; otherwise one permutation of B; cutout draws none without split); 
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from selfkd.config import build_dataclass
-from selfkd.errors import ConfigError, DataError
-from selfkd.registry import close_matches
+from selfkd.errors import DataError
+from selfkd.mixspec import MIXES, MIXING_MODES, MixSpec, check_mix_values, parse_mix, split_rule
+from selfkd.steps import MixInfo
 
 __all__ = ["MIXES", "MIXING_MODES", "MixInfo", "MixSpec", "Mixer", "sample_beta"]
-
-MIXES = ("cutout", "mixup", "cutmix")
-#: values of ``Method.mixing``: cannot take mixed labels / whole batch / the split rule
-MIXING_MODES = ("none", "full", "split")
-#: names that switch mixing off (``--set data.mix.name=none``)
-OFF = ("none", "off")
-
-
-@dataclass
-class MixInfo:
-    """How a batch was mixed, for the loss.
-
-    ``index`` (B, long): the partner of each row (identity on unmixed rows); ``lam``: the weight
-    of a row's own label, a 0-dim tensor (one λ per batch) or one value per row; ``rows`` (B,
-    bool): the rows that were mixed; ``unmixed`` (long, ascending): the other rows' positions,
-    so methods can select them without a boolean mask (whose result size the host would have to
-    read back from the device).
-    """
-
-    index: Tensor
-    lam: Tensor
-    rows: Tensor
-    unmixed: Tensor | None = None
-
-    def unmixed_rows(self) -> Tensor:
-        """Positions of the unmixed rows, ascending (``(~rows).nonzero()`` when not given)."""
-        if self.unmixed is None:
-            self.unmixed = (~self.rows).nonzero().reshape(-1)
-        return self.unmixed
-
-
-@dataclass
-class MixSpec:
-    """The ``data.mix`` section (see the module docstring)."""
-
-    name: str = ""
-    alpha: float = 1.0
-    size: int | None = None
-    prob: float = 1.0
-    #: None = by the method (the papers' split rule for methods whose ``mixing`` is "split")
-    split: bool | None = None
 
 
 def sample_beta(
@@ -127,17 +84,7 @@ class Mixer:
         prob: float = 1.0,
         split: bool | None = None,
     ) -> None:
-        if name not in MIXES:
-            raise ConfigError(
-                f"data.mix.name must be one of {', '.join(MIXES)}, got {name!r}"
-                f"{close_matches(str(name), list(MIXES))}"
-            )
-        if not math.isfinite(alpha) or alpha <= 0:
-            raise ConfigError(f"data.mix.alpha must be > 0 (Beta(alpha, alpha)), got {alpha}")
-        if not math.isfinite(prob) or not 0.0 <= prob <= 1.0:
-            raise ConfigError(f"data.mix.prob must be in [0, 1], got {prob}")
-        if size is not None and size < 1:
-            raise ConfigError(f"data.mix.size must be at least 1 pixel, got {size}")
+        check_mix_values(name, alpha, size, prob)
         self.name = name
         self.alpha = float(alpha)
         self.size = size
@@ -148,35 +95,26 @@ class Mixer:
     def from_config(
         cls, spec: dict[str, Any] | None, image_size: int | tuple[int, int] | None = None
     ) -> Mixer | None:
-        """Build from a ``data.mix`` mapping; None when it is empty or names ``none``.
+        """Build from a ``data.mix`` mapping (:func:`selfkd.mixspec.parse_mix`); None when it is
+        empty or names ``none``."""
+        return cls.from_spec(parse_mix(spec), image_size)
+
+    @classmethod
+    def from_spec(
+        cls, spec: MixSpec | None, image_size: int | tuple[int, int] | None = None
+    ) -> Mixer | None:
+        """Build from a parsed ``data.mix`` (``DataConfig.mix_spec``); None for no mixing.
 
         ``image_size`` (side or (height, width)) resolves the default cutout ``size`` (half the
-        smaller side). Unknown keys and values raise ConfigError with close matches; keys that
-        do not apply (``size`` for mixup/cutmix, ``alpha`` for cutout) are refused too.
+        smaller side).
         """
-        if not spec:
+        if spec is None:
             return None
-        if not isinstance(spec, dict):
-            raise ConfigError(f"data.mix must be a mapping like {{name: cutmix}}, got {spec!r}")
-        values = build_dataclass(MixSpec, spec, "data.mix")
-        if values.name in OFF:
-            return None
-        if not values.name:
-            raise ConfigError(f"data.mix needs a name: one of {', '.join(MIXES)}")
-        if values.name not in MIXES:
-            raise ConfigError(
-                f"unknown data.mix.name {values.name!r}{close_matches(values.name, list(MIXES))}; "
-                f"known: {', '.join(MIXES)}"
-            )
-        if values.name == "cutout" and "alpha" in spec:
-            raise ConfigError("data.mix.alpha applies to mixup and cutmix, not cutout")
-        if values.name != "cutout" and spec.get("size") is not None:
-            raise ConfigError(f"data.mix.size applies to cutout only, not {values.name}")
-        size = values.size
-        if values.name == "cutout" and size is None and image_size is not None:
+        size = spec.size
+        if spec.name == "cutout" and size is None and image_size is not None:
             side = image_size if isinstance(image_size, int) else min(image_size)
             size = max(1, int(side) // 2)
-        return cls(values.name, values.alpha, size, values.prob, values.split)
+        return cls(spec.name, spec.alpha, size, spec.prob, spec.split)
 
     @property
     def changes_labels(self) -> bool:
@@ -195,32 +133,11 @@ class Mixer:
         return out
 
     def split_for(self, method: str, mixing: str) -> bool:
-        """Whether a method whose ``Method.mixing`` is ``mixing`` gets split batches.
-
-        ConfigError when the method cannot take this augmentation: ``mixing`` "none" with mixup
-        or cutmix (no loss for mixed labels), or "split" with ``split: false``.
-        """
-        if mixing not in MIXING_MODES:
-            raise ValueError(
-                f"Method.mixing must be one of {', '.join(MIXING_MODES)}, got {mixing!r}"
-            )
-        if self.changes_labels and mixing == "none":
-            from selfkd.methods import METHODS
-
-            able = [n for n in METHODS.names() if METHODS.get(n).mixing != "none"]
-            raise ConfigError(
-                f"method {method} cannot take data.mix={self.name} (it has no loss for mixed "
-                f"labels; {self.name} works with {', '.join(able)}; cutout works with every "
-                "method); drop data.mix or use cutout"
-            )
-        split = self.split if self.split is not None else mixing == "split"
-        if self.changes_labels and mixing == "split" and not split:
-            raise ConfigError(
-                f"method {method} takes data.mix={self.name} only under the papers' split rule "
-                "(half the batch mixed, half with the method's own targets); set "
-                "data.mix.split=true or leave it out"
-            )
-        return split
+        """Whether a method whose ``Method.mixing`` is ``mixing`` gets split batches
+        (:func:`selfkd.mixspec.split_rule`; the engine asks :func:`selfkd.methods.base.mix_split`,
+        whose refusal also names the methods that take the augmentation)."""
+        spec = MixSpec(self.name, self.alpha, self.size, self.prob, self.split)
+        return split_rule(spec, method, mixing)
 
     def __repr__(self) -> str:
         return f"Mixer({self.describe()})"

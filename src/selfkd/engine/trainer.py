@@ -24,7 +24,7 @@ Distributed data parallel (launched by ``torchrun``; :mod:`selfkd.engine.distrib
   batch statistics (``run.sync_bn: true`` converts to ``SyncBatchNorm``, CUDA only); the
   running statistics are averaged over ranks at the end of every epoch, before evaluation and
   checkpoints, so every replica is identical.
-- **Methods**: a method with a ``gather`` attribute (PS-KD's and AI-KD's prediction banks) gets
+- **Methods**: ``MethodContext.gather`` hands the methods (PS-KD's and AI-KD's prediction banks)
   :func:`~selfkd.engine.distributed.all_gather_rows` (padded to the per-process batch size: one
   all-gather, no host read), so every rank writes every rank's rows;
   ``MethodContext.reduce_grads`` lets a method keep a module it trains itself (AI-KD's critic)
@@ -96,6 +96,7 @@ from selfkd.errors import (
     TrainingError,
 )
 from selfkd.methods import Batch, Method, MethodContext, StepInfo, build_method
+from selfkd.methods.base import mix_split
 
 Callback = Callable[["Trainer", int], None]
 
@@ -320,12 +321,8 @@ class Trainer:
         self.model.to(self.device)
         self.method = method if method is not None else build_method(cfg.method)
         # data.mix: refused before the run directory is touched if the method cannot take it
-        self.mixer = Mixer.from_config(cfg.data.mix, image_size=self._input_shape()[1:])
-        self.mix_split = (
-            self.mixer.split_for(self.method.name, self.method.mixing)
-            if self.mixer is not None
-            else False
-        )
+        self.mixer = Mixer.from_spec(cfg.data.mix_spec, image_size=self._input_shape()[1:])
+        self.mix_split = mix_split(cfg.data.mix_spec, self.method)
         if cfg.run.best_metric == "top5_err" and self.data.num_classes < 5:
             raise ConfigError(
                 f"run.best_metric top5_err needs at least 5 classes, the data has "
@@ -370,6 +367,14 @@ class Trainer:
             rank=self.rank,
             world_size=self.world_size,
             reduce_grads=D.reduce_grads if self.world_size > 1 else None,
+            # every rank's rows fit in its batch: no count exchange, no host read
+            gather=(
+                functools.partial(D.all_gather_rows, cap=self.batch_size)
+                if self.world_size > 1
+                else None
+            ),
+            batch_size=self.batch_size,
+            mix=cfg.data.mix_spec,
         )
         self.method.setup(self.model, ctx)
         self.method.to(self.device)
@@ -387,9 +392,6 @@ class Trainer:
         #: method-owned modules trained with the model: their gradients are averaged by hand
         self._extra_modules: nn.Module | None = None
         if self.world_size > 1:
-            if hasattr(self.method, "gather"):
-                # every rank's rows fit in its batch: no count exchange, no host read
-                self.method.gather = functools.partial(D.all_gather_rows, cap=self.batch_size)
             D.broadcast_module(self.method)  # owned heads, critic: rank 0's initial weights
             if extra_modules:
                 self._extra_modules = nn.ModuleList(extra_modules)

@@ -11,7 +11,7 @@ unmixed batch::
 
     L = (n_unmixed·L_method + n_mixed·L_mix) / B
 
-``mix`` is a :class:`selfkd.data.mixing.MixInfo`: ``index`` (π, B), ``lam`` (0-dim or B) and
+``mix`` is a :class:`selfkd.steps.MixInfo`: ``index`` (π, B), ``lam`` (0-dim or B) and
 ``rows`` (B, bool mask of mixed rows). All losses are computed in float32.
 """
 
@@ -26,7 +26,7 @@ from torch import Tensor
 from selfkd.losses.smoothing import smoothed_targets
 
 if TYPE_CHECKING:
-    from selfkd.data.mixing import MixInfo
+    from selfkd.steps import MixInfo
 
 __all__ = ["mixed_ce", "mixed_targets", "split_loss"]
 

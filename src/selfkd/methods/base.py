@@ -12,75 +12,68 @@ back-propagate, the logits to score, and named loss terms to log. A method
 - keeps its state (banks, critic, its optimizer, counters) in ``state_dict()``: module parameters
   and buffers as usual, anything else through ``get_extra_state``/``set_extra_state``. The engine
   saves and restores it with every checkpoint.
+
+Shared here, so that a method file is its loss: validation of ``Params`` once (in
+:meth:`Method.__init__`); the split rule for mixed batches (:func:`split_step`,
+:func:`mix_split`); frozen held models (:meth:`Method.hold`: a superior, a teacher, a snapshot);
+autocast control (:func:`no_autocast`); and every per-process fact and DDP hook through
+:class:`MethodContext` (``batch_size``, ``gather``, ``reduce_grads``, ``rank``, ``world_size``).
+The step types live in the leaf :mod:`selfkd.steps` and are re-exported here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from selfkd.config import build_dataclass
 from selfkd.errors import ConfigError, ModelError
+from selfkd.losses.mixing import mixed_ce, split_loss
+from selfkd.mixspec import MixSpec, parse_mix, split_rule
 from selfkd.registry import Registry
+from selfkd.schema import build_dataclass
+from selfkd.steps import Batch, MixInfo, StepInfo, StepOutput
 
-if TYPE_CHECKING:
-    from selfkd.data.mixing import MixInfo
+__all__ = [
+    "METHODS",
+    "Batch",
+    "Method",
+    "MethodContext",
+    "MixInfo",
+    "NoParams",
+    "StepInfo",
+    "StepOutput",
+    "build_method",
+    "freeze",
+    "frozen_forward",
+    "inference_logits",
+    "method_defaults",
+    "mix_split",
+    "no_autocast",
+    "parse_params",
+    "split_step",
+    "unmixed_part",
+]
 
-
-@dataclass
-class Batch:
-    """One training batch on the device.
-
-    ``inputs`` are augmented and normalized; ``raw`` are the images before the on-device
-    augmentation (for methods that need a second view: ``augment(raw)`` draws a new one);
-    ``indices`` are dataset indices (0..num_train-1) for per-sample memories. ``mix`` says how
-    ``inputs`` were mixed by ``data.mix`` (:class:`~selfkd.data.mixing.MixInfo`: partners, λ, mixed
-    rows; ``targets`` stay the rows' own labels), None when they were not.
-    """
-
-    inputs: Tensor
-    targets: Tensor
-    indices: Tensor
-    raw: Tensor
-    augment: Callable[[Tensor], Tensor]
-    mix: MixInfo | None = None
-
-
-@dataclass
-class StepInfo:
-    """Where the engine is: 0-based epoch, step inside the epoch and global step."""
-
-    epoch: int
-    step: int
-    global_step: int
-    epochs: int
-    steps_per_epoch: int
-
-
-@dataclass
-class StepOutput:
-    """What a training step returns.
-
-    ``loss`` is back-propagated by the engine; ``logits``/``targets`` are the main head's
-    predictions on the samples that count for training metrics; ``terms`` are named scalars
-    (detached by the engine) that appear as columns in the metrics files.
-    """
-
-    loss: Tensor
-    logits: Tensor
-    targets: Tensor
-    terms: dict[str, Tensor] = field(default_factory=dict)
+#: a DDP hook ``gather(indices, rows) -> (indices, rows)`` of every rank (selfkd.banks.Gather)
+Gather = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 @dataclass
 class MethodContext:
-    """What a method may know about the run when it is set up."""
+    """What a method may know about the run when it is set up.
+
+    Every per-process fact and DDP hook reaches a method here, and only here: ``rank`` and
+    ``world_size``, ``batch_size`` (this process's batch), ``gather`` and ``reduce_grads``.
+    ``config`` is the resolved config as a mapping, for information only: methods read the typed
+    fields (``batch_size`` and ``mix`` are taken from it when not given).
+    """
 
     num_classes: int
     num_train: int
@@ -103,6 +96,20 @@ class MethodContext:
     #: data passes ``active=False``; False returned: no rank had data, skip the step.
     #: None in a single process (see :func:`selfkd.engine.distributed.reduce_grads`)
     reduce_grads: Callable[..., bool] | None = None
+    #: under DDP, ``gather(indices, rows) -> (indices, rows)`` of all ranks, so per-sample
+    #: memories (prediction banks) write every rank's rows; None in a single process
+    gather: Gather | None = None
+    #: samples per step on this process (``data.batch_size`` / ``world_size``); None = unknown
+    batch_size: int | None = None
+    #: the parsed ``data.mix`` (None: no mixing)
+    mix: MixSpec | None = None
+
+    def __post_init__(self) -> None:
+        data = (self.config or {}).get("data") or {}
+        if self.batch_size is None and data.get("batch_size") is not None:
+            self.batch_size = int(data["batch_size"]) // max(1, self.world_size)
+        if self.mix is None and data.get("mix"):
+            self.mix = parse_mix(data["mix"])
 
 
 @dataclass
@@ -128,6 +135,41 @@ class Method(nn.Module):
     def __init__(self, params: Any = None) -> None:
         super().__init__()
         self.params = params if params is not None else self.Params()
+        check = getattr(self.params, "validate", None)
+        if callable(check):  # the one place a method's parameters are validated
+            check()
+        # frozen held models (a superior, a teacher, a snapshot): a plain dict, so they are not
+        # submodules (outside parameters() and state_dict()); see hold()
+        self._held: dict[str, nn.Module] = {}
+
+    # --- frozen held models -----------------------------------------------------------------
+    def hold(self, role: str, model: nn.Module) -> nn.Module:
+        """Keep ``model`` frozen under ``role``: eval mode, ``requires_grad=False``, outside the
+        method's parameters and ``state_dict``, kept in eval mode by ``method.train()`` and moved
+        by ``method.to()``. Returns the model."""
+        self._held[role] = freeze(model)
+        return model
+
+    def held(self, role: str) -> nn.Module | None:
+        """The model held under ``role``, or None."""
+        return self._held.get(role)
+
+    def release(self, role: str) -> None:
+        """Forget the model held under ``role`` (if any)."""
+        self._held.pop(role, None)
+
+    def train(self, mode: bool = True) -> Method:
+        super().train(mode)
+        for model in self._held.values():
+            model.eval()
+        return self
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Method:
+        # .to()/.cuda() of the method also move its held models
+        super()._apply(fn, recurse)
+        for model in self._held.values():
+            model._apply(fn, recurse)
+        return self
 
     # --- life cycle -------------------------------------------------------------------------
     def setup(self, model: nn.Module, ctx: MethodContext) -> None:
@@ -198,6 +240,66 @@ class Method(nn.Module):
         return {"name": self.name, **dataclasses.asdict(self.params)}
 
 
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no parameter gradient for ``model``; returns it."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Autocast disabled for ``device`` (a no-op where autocast does not exist)."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except (RuntimeError, ValueError):  # pragma: no cover - exotic device types
+        return contextlib.nullcontext()
+
+
+def unmixed_part(batch: Batch, logits: Tensor) -> tuple[Batch, Tensor]:
+    """The split rule's first half (PS-KD §4.1): the unmixed rows of a ``data.mix`` batch and
+    their logits, selected by position (no host read of the count), as a batch without ``mix``.
+    An unmixed batch is returned as it is."""
+    mix = batch.mix
+    if mix is None:
+        return batch, logits
+    keep = mix.unmixed_rows()
+    part = dataclasses.replace(
+        batch,
+        inputs=batch.inputs[keep],
+        targets=batch.targets[keep],
+        indices=batch.indices[keep],
+        raw=batch.raw[keep],
+        mix=None,
+    )
+    return part, logits[keep]
+
+
+#: a method's own loss on the unmixed rows: (logits, batch, info) -> (loss or None, terms)
+OwnLoss = Callable[[Tensor, Batch, StepInfo], tuple[Tensor | None, dict[str, Tensor]]]
+
+
+def split_step(model: nn.Module, batch: Batch, info: StepInfo, own_loss: OwnLoss) -> StepOutput:
+    """One training step under the papers' split rule for mixed batches (PS-KD §4.1).
+
+    Select the unmixed rows (:func:`unmixed_part`) → the method's own loss on them → the mixing
+    CE λ·CE(z, y) + (1−λ)·CE(z, y[π]) on the mixed rows (term ``mix_ce``) → the weighted sum
+    ``(n_unmixed·L_own + n_mixed·L_mix)/B`` (:func:`selfkd.losses.mixing.split_loss`). Without
+    ``batch.mix`` it is the method's own loss on the whole batch. ``own_loss`` returns None for
+    no loss (no unmixed row). The output's logits and targets are the whole batch's.
+    """
+    logits = model(batch.inputs)
+    part, part_logits = unmixed_part(batch, logits)
+    loss, terms = own_loss(part_logits, part, info)
+    mix = batch.mix
+    if mix is not None:
+        mix_loss = mixed_ce(logits, batch.targets, mix)
+        loss = split_loss(loss, mix_loss, mix)
+        terms["mix_ce"] = mix_loss.detach()
+    assert loss is not None
+    return StepOutput(loss=loss, logits=logits, targets=batch.targets, terms=terms)
+
+
 def inference_logits(model: nn.Module, inputs: Tensor) -> Tensor:
     """``model(inputs)`` in eval mode under ``torch.inference_mode`` (no autograd bookkeeping
     at all), returned as an ordinary tensor (a clone: inference tensors cannot join a graph)."""
@@ -226,7 +328,8 @@ METHODS: Registry[type[Method]] = Registry("method")
 
 
 def parse_params(method_cls: type[Method], values: dict[str, Any]) -> Any:
-    """Validate ``values`` against the method's ``Params`` dataclass (unknown keys refused)."""
+    """Validate ``values`` against the method's ``Params`` dataclass (unknown keys refused),
+    without building the method (building one validates its parameters itself)."""
     params = build_dataclass(method_cls.Params, values, "method")
     check = getattr(params, "validate", None)
     if callable(check):
@@ -240,10 +343,20 @@ def build_method(spec: dict[str, Any]) -> Method:
         raise ConfigError("method must be a mapping with a 'name', e.g. method: {name: ce}")
     values = {k: v for k, v in spec.items() if k != "name"}
     method_cls = METHODS.get(spec["name"])
-    return method_cls(parse_params(method_cls, values))
+    return method_cls(build_dataclass(method_cls.Params, values, "method"))  # validated once
 
 
 def method_defaults(name: str) -> dict[str, Any]:
     """The full parameter set of a method with its defaults (for resolved configs)."""
     method_cls = METHODS.get(name)
     return {"name": METHODS.canonical(name), **dataclasses.asdict(method_cls.Params())}
+
+
+def mix_split(spec: MixSpec | None, method: Method) -> bool:
+    """Whether ``method`` gets ``data.mix`` batches split (half mixed), by its ``mixing``
+    (:func:`selfkd.mixspec.split_rule`); False without mixing. A method that cannot take the
+    augmentation is a ConfigError naming the methods that can."""
+    if spec is None:
+        return False
+    able = [n for n in METHODS.names() if METHODS.get(n).mixing != "none"]
+    return split_rule(spec, method.name, method.mixing, able)

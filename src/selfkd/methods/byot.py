@@ -118,7 +118,6 @@ class BYOT(Method):
 
     def __init__(self, params: BYOTParams | None = None) -> None:
         super().__init__(params)
-        self.params.validate()
         self.exits = nn.ModuleList()
         self.exit_taps: list[str] = []
         self.taps: FeatureTaps | None = None

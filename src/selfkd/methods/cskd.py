@@ -37,7 +37,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from selfkd.data.samplers import ClassPairSampler
 from selfkd.errors import ConfigError, TrainingError
 from selfkd.losses.cskd import cskd_loss
 from selfkd.methods.base import METHODS, Batch, Method, StepInfo, StepOutput
@@ -68,11 +67,13 @@ class CSKD(Method):
 
     def __init__(self, params: CSKDParams | None = None) -> None:
         super().__init__(params)
-        self.params.validate()
 
     def batch_sampler(
         self, labels: Tensor, batch_size: int, seed: int
     ) -> Callable[[int], list[Tensor]] | None:
+        # imported here: loading the methods loads no dataset reader (selfkd.data's package)
+        from selfkd.data.samplers import ClassPairSampler
+
         return ClassPairSampler(labels, batch_size, seed)
 
     def training_step(self, model: nn.Module, batch: Batch, info: StepInfo) -> StepOutput:

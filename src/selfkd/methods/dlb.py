@@ -77,15 +77,13 @@ class DLB(Method):
 
     def __init__(self, params: DLBParams | None = None) -> None:
         super().__init__(params)
-        self.params.validate()
         #: the last batch: raw images, targets and detached view-0 logits (None before step 1)
         self.prev: dict[str, Tensor] | None = None
         self._device: torch.device | None = None
 
     def setup(self, model: nn.Module, ctx: MethodContext) -> None:
         self._device = torch.device(ctx.device)
-        batch_size = ctx.config.get("data", {}).get("batch_size")
-        if batch_size == 1:
+        if ctx.batch_size == 1:
             raise ConfigError(
                 "dlb needs data.batch_size >= 2 (it distils whole mini-batches into the next "
                 "step); raise data.batch_size"

@@ -67,7 +67,6 @@ class LabelSmoothing(Method):
 
     def __init__(self, params: LabelSmoothingParams | None = None) -> None:
         super().__init__(params)
-        self.params.validate()
 
     def setup(self, model: nn.Module, ctx: MethodContext) -> None:
         if self.params.spread == "others" and ctx.num_classes < 2:

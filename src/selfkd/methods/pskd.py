@@ -52,13 +52,20 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from selfkd.banks import BANK_DTYPES, Gather, PredictionBank, bank_storage, check_bank_topk
 from selfkd.errors import ConfigError
-from selfkd.losses.mixing import mixed_ce, split_loss
 from selfkd.losses.pskd import pskd_alpha, pskd_loss
-from selfkd.methods.base import METHODS, Batch, Method, MethodContext, StepInfo, StepOutput
+from selfkd.methods.base import (
+    METHODS,
+    Batch,
+    Method,
+    MethodContext,
+    StepInfo,
+    StepOutput,
+    split_step,
+)
 
 __all__ = ["PSKD", "PSKDParams"]
 
@@ -95,16 +102,16 @@ class PSKD(Method):
 
     def __init__(self, params: PSKDParams | None = None) -> None:
         super().__init__(params)
-        self.params.validate()
         self.bank = None
         self.epochs: int | None = None
-        #: DDP hook for the bank: ``gather(indices, logits) -> (indices, logits)`` of all ranks
+        #: DDP hook for the bank (``MethodContext.gather``); None in a single process
         self.gather: Gather | None = None
 
     def setup(self, model: nn.Module, ctx: MethodContext) -> None:
         if ctx.epochs < 1:
             raise ConfigError(f"method pskd needs train.epochs >= 1, got {ctx.epochs}")
         self.epochs = ctx.epochs
+        self.gather = ctx.gather
         self.bank = PredictionBank(
             ctx.num_train,
             ctx.num_classes,
@@ -123,29 +130,24 @@ class PSKD(Method):
     def training_step(self, model: nn.Module, batch: Batch, info: StepInfo) -> StepOutput:
         if self.bank is None:
             raise RuntimeError("PSKD.setup(model, ctx) must be called before training_step")
-        all_logits = model(batch.inputs)
-        alpha_t = self.alpha_at(info.epoch)
-        mix = batch.mix
         # under data.mix only the unmixed rows take PS-KD targets (paper §4.1)
-        keep = None if mix is None else mix.unmixed_rows()  # positions: no host read
-        logits = all_logits if keep is None else all_logits[keep]
-        targets = batch.targets if keep is None else batch.targets[keep]
-        indices = batch.indices if keep is None else batch.indices[keep]
+        return split_step(model, batch, info, self._loss)
+
+    def _loss(self, logits: Tensor, batch: Batch, info: StepInfo) -> tuple[Tensor | None, dict]:
+        """The PS-KD loss on (the unmixed rows of) the batch; None without a row."""
+        assert self.bank is not None
+        alpha_t = self.alpha_at(info.epoch)
+        targets = batch.targets
         if info.epoch == 0:  # official: epoch-0 memory rows are the one-hot labels
             prev = F.one_hot(targets.long(), logits.shape[1]).float()
         else:
-            log_p = self.bank.lookup(indices).to(logits.device, non_blocking=True)
+            log_p = self.bank.lookup(batch.indices).to(logits.device, non_blocking=True)
             prev = torch.softmax(log_p, dim=1)
         loss = pskd_loss(logits, targets, prev, alpha_t) if logits.shape[0] else None
         terms = {"alpha_t": torch.full((), alpha_t, device=logits.device)}  # no host copy
         if loss is not None:
             terms["pskd"] = loss.detach()
-        if mix is not None:
-            mix_loss = mixed_ce(all_logits, batch.targets, mix)
-            loss = split_loss(loss, mix_loss, mix)
-            terms["mix_ce"] = mix_loss.detach()
-        assert loss is not None
-        return StepOutput(loss=loss, logits=all_logits, targets=batch.targets, terms=terms)
+        return loss, terms
 
     def after_optimizer_step(self, model: nn.Module, batch: Batch, out: StepOutput) -> None:
         # this step's (pre-update) training predictions become next epoch's p_{t-1};

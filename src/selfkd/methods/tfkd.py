@@ -130,13 +130,6 @@ class TFKDRegParams:
             raise ConfigError(f"method.correct_prob must be in [0, 1], got {self.correct_prob}")
 
 
-def _freeze(model: nn.Module) -> nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 @METHODS.register("tfkd_self", "tf-kd-self", "tfkd-self")
 class TFKDSelf(Method):
     """TF-KD self-training (Yuan et al. 2020): KD from a trained same-architecture teacher."""
@@ -147,32 +140,17 @@ class TFKDSelf(Method):
 
     def __init__(self, params: TFKDSelfParams | None = None) -> None:
         super().__init__(params)
-        self.params.validate()
         #: the batchmean weight of T²·KL_bm, resolved at setup (α·m/K unless kd_weight is set)
         self.kd_weight: float | None = None
-        # not a submodule: kept out of parameters()/state_dict() and of method.train()
-        self._frozen: dict[str, nn.Module | None] = {"teacher": None}
 
     @property
     def teacher(self) -> nn.Module | None:
-        """The frozen teacher (eval mode), or None before setup or when KD is off."""
-        return self._frozen["teacher"]
+        """The frozen teacher (held: eval mode, outside ``state_dict``), or None before setup or
+        when KD is off."""
+        return self.held("teacher")
 
     def needs_teacher(self) -> bool:
         return not self.params.kd_is_off()
-
-    def train(self, mode: bool = True) -> TFKDSelf:
-        super().train(mode)
-        if self._frozen["teacher"] is not None:
-            self._frozen["teacher"].eval()
-        return self
-
-    def _apply(self, fn: Any, recurse: bool = True) -> TFKDSelf:
-        # .to()/.cuda() of the method also move the teacher
-        super()._apply(fn, recurse)
-        if self._frozen["teacher"] is not None:
-            self._frozen["teacher"]._apply(fn, recurse)
-        return self
 
     def setup(self, model: nn.Module, ctx: MethodContext) -> None:
         p: TFKDSelfParams = self.params
@@ -183,7 +161,7 @@ class TFKDSelf(Method):
                     "method tfkd_self: method.teacher is 'auto' but no phase-1 checkpoint was "
                     "resolved before setup; give a checkpoint path or let the engine train phase 1"
                 )
-            self._frozen["teacher"] = _freeze(ctx.load_model(p.teacher)).to(ctx.device)
+            self.hold("teacher", ctx.load_model(p.teacher).to(ctx.device))
 
     def training_step(self, model: nn.Module, batch: Batch, info: StepInfo) -> StepOutput:
         if self.kd_weight is None:
@@ -191,7 +169,7 @@ class TFKDSelf(Method):
         p: TFKDSelfParams = self.params
         logits = model(batch.inputs)
         teacher_logits = logits  # unused when the KD weight is 0
-        teacher = self._frozen["teacher"]
+        teacher = self.held("teacher")
         if self.kd_weight > 0:
             assert teacher is not None
             teacher_logits = frozen_forward(teacher, batch.inputs, logits, "teacher", self.name)
@@ -215,7 +193,6 @@ class TFKDReg(Method):
 
     def __init__(self, params: TFKDRegParams | None = None) -> None:
         super().__init__(params)
-        self.params.validate()
         #: the batchmean weight of KL_bm, resolved at setup (α·m/K unless kd_weight is set)
         self.kd_weight: float | None = None
 

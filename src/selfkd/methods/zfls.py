@@ -34,17 +34,23 @@ Decisions:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from selfkd.errors import ConfigError, ModelError
 from selfkd.losses.zfls import UPSAMPLE_MODES, dense_votes, vote_counts, zfls_loss
-from selfkd.methods.base import METHODS, Batch, Method, MethodContext, StepInfo, StepOutput
+from selfkd.methods.base import (
+    METHODS,
+    Batch,
+    Method,
+    MethodContext,
+    StepInfo,
+    StepOutput,
+    no_autocast,
+)
 from selfkd.models import FeatureTaps, available_taps
 from selfkd.models.taps import unwrap_model
 
@@ -74,13 +80,6 @@ class ZFLSParams:
             raise ConfigError("method.tap of zfls must name a feature tap, e.g. 'features'")
 
 
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    try:
-        return torch.autocast(device_type=device.type, enabled=False)
-    except (RuntimeError, ValueError):  # pragma: no cover - exotic device types
-        return contextlib.nullcontext()
-
-
 @METHODS.register("zfls", "zf-ls", "zipfls")
 class ZFLS(Method):
     """ZF-LS: CE + λ·KL to Zipf soft labels ranked by dense classifier votes (ECCV 2022)."""
@@ -90,7 +89,6 @@ class ZFLS(Method):
 
     def __init__(self, params: ZFLSParams | None = None) -> None:
         super().__init__(params)
-        self.params.validate()
         self.taps: FeatureTaps | None = None
         self._classifier: dict[str, nn.Linear] = {}  # plain dict: not a submodule of the method
 
@@ -138,10 +136,10 @@ class ZFLS(Method):
                 f"model.classifier takes {fc.in_features}; point method.tap at the map the "
                 "classifier pools"
             )
-        with torch.no_grad(), _no_autocast(logits.device):
+        with torch.no_grad(), no_autocast(logits.device):
             votes = dense_votes(features, fc.weight, fc.bias, p.upsample)
             counts = vote_counts(votes, logits.shape[1])
-        with _no_autocast(logits.device):
+        with no_autocast(logits.device):
             loss, terms = zfls_loss(logits, batch.targets, counts, lam=p.lam, power=p.power)
         return StepOutput(
             loss=loss, logits=logits, targets=batch.targets, terms={**terms, "loss": loss.detach()}
