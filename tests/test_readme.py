@@ -19,7 +19,22 @@ def test_first_lines_give_the_two_commands_and_ci_runs_the_test_one():
     assert commands == ["bash scripts/demo.sh", "bash scripts/test.sh"]
     assert (ROOT / "scripts" / "demo.sh").is_file() and (ROOT / "scripts" / "test.sh").is_file()
     assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
-    assert "configs/fashion_mnist/aikd.yaml" in (ROOT / "scripts" / "demo.sh").read_text()
+    assert "configs/fashion_mnist/demo.yaml" in (ROOT / "scripts" / "demo.sh").read_text()
+
+
+def test_main_job_is_ai_kd_as_published_and_its_critic_variant_in_the_study_regime():
+    """The demo sweep: two AI-KD students (paper defaults; critic on probabilities) of the
+    study regime, both learning from the same phase-1 CE model (the table's CE row)."""
+    from selfkd.sweep import load_sweep
+
+    runs = load_sweep(ROOT / "configs" / "fashion_mnist" / "demo.yaml").runs
+    methods = [r.config.method for r in runs]
+    assert methods == [
+        {"name": "aikd", "superior": "auto"},
+        {"name": "aikd", "superior": "auto", "critic_input": "probs"},
+    ]
+    for run in runs:
+        assert run.config.data.per_class == 100 and run.config.train.epochs == 100
 
 
 class _Set(Dataset):
