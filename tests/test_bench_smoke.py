@@ -139,3 +139,17 @@ def test_bank_fidelity_on_a_saved_float32_bank(monkeypatch, tmp_path):
     top2 = float(rows["top-2 fp16"].split(" | ")[2])
     fp16 = float(rows["dense fp16 (default)"].split(" | ")[2])
     assert top2 > 100 * fp16 > 0
+
+
+def test_gpu_check_without_cuda_says_it_needs_a_gpu_and_exits_0():
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_check.py")],
+        env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == "gpu_check: needs a CUDA GPU and none is visible here; nothing checked\n"

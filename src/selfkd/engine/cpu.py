@@ -11,6 +11,10 @@ every float32 convolution checked against a float64 reference, see docs/reliabil
   other shape, every contiguous (NCHW) convolution, grouped ones, bfloat16, and the AVX-512,
   AVX and SSE4.1 tiers are right. ``torch.compile`` reaches the same kernel on the CPU through
   inductor's layout optimisation, which turns convolutions channels-last by itself.
+* inductor (``torch.compile``) keeps compiled CPU kernels in one on-disk cache whatever the
+  ATen CPU capability: kernels cached by a process under ``ATEN_CPU_CAPABILITY=avx2`` segfault
+  in a later AVX-512 process that loads them. :func:`isolate_compile_cache` gives each
+  capability its own cache directory.
 * bfloat16 autocast is fast only where oneDNN has native bf16 instructions (AVX512-BF16 or
   AMX); elsewhere it is emulated and slower than float32 (docs/benchmarks.md).
 """
@@ -18,7 +22,7 @@ every float32 convolution checked against a float64 reference, see docs/reliabil
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from functools import lru_cache
 
 import torch
@@ -154,3 +158,27 @@ def channels_last_refusal(
         f"{conv.stride[0]} convolution {name}{more} with {conv.in_channels} < "
         f"{AVX2_MIN_CHANNELS} input channels"
     )
+
+
+def isolate_compile_cache(env: MutableMapping[str, str] | None = None) -> str:
+    """Point inductor's kernel cache (``TORCHINDUCTOR_CACHE_DIR``) at a directory of this ATen
+    CPU capability's own, unless the user chose one; returns the directory in use."""
+    env = os.environ if env is None else env
+    default = _default_compile_cache()
+    current = env.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default):
+        capability = torch.backends.cpu.get_cpu_capability().lower()
+        env["TORCHINDUCTOR_CACHE_DIR"] = f"{default}-{capability}"
+    return env["TORCHINDUCTOR_CACHE_DIR"]
+
+
+def _default_compile_cache() -> str:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        return str(default_cache_dir())
+    except ImportError:  # another torch layout: inductor's documented default
+        import getpass
+        import tempfile
+
+        return os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")

@@ -13,7 +13,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from selfkd.engine.cpu import channels_last_refusal, native_bf16, onednn_tier
+from selfkd.engine.cpu import (
+    channels_last_refusal,
+    isolate_compile_cache,
+    native_bf16,
+    onednn_tier,
+)
 from selfkd.errors import ConfigError
 
 
@@ -100,7 +105,9 @@ def channels_last_allowed(
 
 def compile_options(device: torch.device, modules: Iterable[nn.Module]) -> dict[str, Any]:
     """Keyword arguments for ``torch.compile``: on a CPU whose oneDNN kernels break channels-last
-    for ``modules``, inductor must not turn convolutions channels-last by itself."""
+    for ``modules``, inductor must not turn convolutions channels-last by itself. Also gives
+    inductor a kernel cache of this CPU capability's own (:func:`isolate_compile_cache`)."""
+    isolate_compile_cache()
     if channels_last_refusal(device, modules) is not None:
         return {"options": {"layout_optimization": False}}
     return {}
