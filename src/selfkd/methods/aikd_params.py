@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from selfkd.banks import BANK_DTYPES, check_bank_topk
 from selfkd.errors import ConfigError
+from selfkd.methods.base import check_number
 from selfkd.methods.critic import CRITIC_HEADS, CRITIC_NORMS
 from selfkd.methods.critic_trainer import CRITIC_BN_MODES, CRITIC_INPUTS
 
@@ -73,13 +74,9 @@ class AIKDParams:
                     f"method.{key} must be one of {', '.join(allowed)}, got {value!r}"
                 )
         for key in ("alpha_ce", "alpha_g", "alpha_p", "omega", "gp_weight"):
-            value = getattr(self, key)
-            if not math.isfinite(value) or value < 0:
-                raise ConfigError(f"method.{key} must be a finite number >= 0, got {value}")
+            check_number(key, getattr(self, key), "nonnegative")
         for key in ("tau_g", "tau_p", "critic_lr"):
-            value = getattr(self, key)
-            if not math.isfinite(value) or value <= 0:
-                raise ConfigError(f"method.{key} must be > 0, got {value}")
+            check_number(key, getattr(self, key), "positive")
         if len(self.critic_betas) != 2 or not all(0 <= b < 1 for b in self.critic_betas):
             raise ConfigError(
                 f"method.critic_betas must be two numbers in [0, 1), got {self.critic_betas}"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ __all__ = [
     "StepInfo",
     "StepOutput",
     "build_method",
+    "check_number",
     "freeze",
     "frozen_forward",
     "inference_logits",
@@ -238,6 +240,24 @@ class Method(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, **dataclasses.asdict(self.params)}
+
+
+#: rules of :func:`check_number`: the test and how the message states it
+_NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "unit": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "positive": (lambda v: v > 0, "> 0"),
+    "nonnegative": (lambda v: v >= 0, "a finite number >= 0"),
+}
+
+
+def check_number(key: str, value: float, rule: str, method: str = "") -> None:
+    """A hyper-parameter check: ``rule`` is "unit" ([0, 1]), "positive" (> 0) or
+    "nonnegative" (>= 0), finite in every case; ConfigError ``method.<key> [of <method>] must be
+    ..., got <value>`` otherwise."""
+    test, wording = _NUMBER_RULES[rule]
+    if not (math.isfinite(value) and test(value)):
+        where = f" of {method}" if method else ""
+        raise ConfigError(f"method.{key}{where} must be {wording}, got {value}")
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -55,7 +55,15 @@ from torch import Tensor, nn
 
 from selfkd.errors import ConfigError, ModelError
 from selfkd.losses.byot import byot_loss
-from selfkd.methods.base import METHODS, Batch, Method, MethodContext, StepInfo, StepOutput
+from selfkd.methods.base import (
+    METHODS,
+    Batch,
+    Method,
+    MethodContext,
+    StepInfo,
+    StepOutput,
+    check_number,
+)
 from selfkd.methods.heads import (
     BottleneckExit,
     exit_kernel,
@@ -94,14 +102,9 @@ class BYOTParams:
     pooled_tap: str = "pooled"
 
     def validate(self) -> None:
-        if not math.isfinite(self.alpha) or not 0 <= self.alpha <= 1:
-            raise ConfigError(f"method.alpha must be in [0, 1], got {self.alpha}")
-        if not math.isfinite(self.temperature) or self.temperature <= 0:
-            raise ConfigError(f"method.temperature must be > 0, got {self.temperature}")
-        if not math.isfinite(self.feature_weight) or self.feature_weight < 0:
-            raise ConfigError(
-                f"method.feature_weight must be a finite number >= 0, got {self.feature_weight}"
-            )
+        check_number("alpha", self.alpha, "unit")
+        check_number("temperature", self.temperature, "positive")
+        check_number("feature_weight", self.feature_weight, "nonnegative")
         if len(set(self.exit_taps)) != len(self.exit_taps):
             raise ConfigError(f"method.exit_taps has duplicates: {self.exit_taps}")
         for key in ("features_tap", "pooled_tap"):

@@ -30,16 +30,15 @@ Decisions:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from selfkd.errors import ConfigError, TrainingError
+from selfkd.errors import TrainingError
 from selfkd.losses.cskd import cskd_loss
-from selfkd.methods.base import METHODS, Batch, Method, StepInfo, StepOutput
+from selfkd.methods.base import METHODS, Batch, Method, StepInfo, StepOutput, check_number
 
 __all__ = ["CSKD", "CSKDParams"]
 
@@ -52,10 +51,8 @@ class CSKDParams:
     lam: float = 1.0
 
     def validate(self) -> None:
-        if not math.isfinite(self.tau) or self.tau <= 0:
-            raise ConfigError(f"method.tau of cskd must be > 0, got {self.tau}")
-        if not math.isfinite(self.lam) or self.lam < 0:
-            raise ConfigError(f"method.lam of cskd must be a finite number >= 0, got {self.lam}")
+        check_number("tau", self.tau, "positive", "cskd")
+        check_number("lam", self.lam, "nonnegative", "cskd")
 
 
 @METHODS.register("cskd", "cs-kd")
@@ -64,9 +61,6 @@ class CSKD(Method):
 
     name = "cskd"
     Params = CSKDParams
-
-    def __init__(self, params: CSKDParams | None = None) -> None:
-        super().__init__(params)
 
     def batch_sampler(
         self, labels: Tensor, batch_size: int, seed: int

@@ -37,7 +37,6 @@ Decisions:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +45,15 @@ from torch import Tensor, nn
 
 from selfkd.errors import ConfigError
 from selfkd.losses.dlb import dlb_loss
-from selfkd.methods.base import METHODS, Batch, Method, MethodContext, StepInfo, StepOutput
+from selfkd.methods.base import (
+    METHODS,
+    Batch,
+    Method,
+    MethodContext,
+    StepInfo,
+    StepOutput,
+    check_number,
+)
 
 __all__ = ["DLB", "DLBParams"]
 
@@ -61,10 +68,8 @@ class DLBParams:
     alpha: float = 1.0
 
     def validate(self) -> None:
-        if not math.isfinite(self.tau) or self.tau <= 0:
-            raise ConfigError(f"method.tau of dlb must be > 0, got {self.tau}")
-        if not math.isfinite(self.alpha) or self.alpha < 0:
-            raise ConfigError(f"method.alpha of dlb must be a finite number >= 0, got {self.alpha}")
+        check_number("tau", self.tau, "positive", "dlb")
+        check_number("alpha", self.alpha, "nonnegative", "dlb")
 
 
 @METHODS.register("dlb")

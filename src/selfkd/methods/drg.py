@@ -57,7 +57,6 @@ Decisions:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -67,7 +66,15 @@ from torch import Tensor, nn
 
 from selfkd.errors import ConfigError
 from selfkd.losses.drg import drg_dsr_loss, reverse_guidance_loss
-from selfkd.methods.base import METHODS, Batch, Method, MethodContext, StepInfo, StepOutput
+from selfkd.methods.base import (
+    METHODS,
+    Batch,
+    Method,
+    MethodContext,
+    StepInfo,
+    StepOutput,
+    check_number,
+)
 from selfkd.methods.heads import AuxiliaryClassifier, open_taps, spatial_shape, tap_shapes
 from selfkd.models import FeatureTaps
 
@@ -86,20 +93,13 @@ def _key(tap: str) -> str:
     return tap.replace(".", "_").replace(":", "_")
 
 
-def _check_positive(name: str, value: float, strict: bool) -> None:
-    ok = math.isfinite(value) and (value > 0 if strict else value >= 0)
-    if not ok:
-        bound = "> 0" if strict else "a finite number >= 0"
-        raise ConfigError(f"method.{name} must be {bound}, got {value}")
-
-
 def _validate(params: Any) -> None:
     for key in ("alpha", "beta"):
         if hasattr(params, key):
-            _check_positive(key, getattr(params, key), strict=False)
+            check_number(key, getattr(params, key), "nonnegative")
     for key in ("tau_drg", "tau_dsr"):
         if hasattr(params, key):
-            _check_positive(key, getattr(params, key), strict=True)
+            check_number(key, getattr(params, key), "positive")
     if hasattr(params, "ac_blocks") and params.ac_blocks < 0:
         raise ConfigError(f"method.ac_blocks must be >= 0, got {params.ac_blocks}")
     if hasattr(params, "taps"):
@@ -189,7 +189,6 @@ class _DRGDSRBase(Method):
 
     def __init__(self, params: Any = None) -> None:
         super().__init__(params)
-        self.params.validate()
         #: the auxiliary classifier of the first tap (state-dict keys ``ac.*``)
         self.ac = None
         #: the auxiliary classifiers of further taps (keys ``more_acs.<tap>.*``)
@@ -211,13 +210,11 @@ class _DRGDSRBase(Method):
     # --- life cycle -------------------------------------------------------------------------
     def setup(self, model: nn.Module, ctx: MethodContext) -> None:
         self._device = torch.device(ctx.device)
-        if self.uses_dsr:
-            batch_size = (ctx.config.get("data") or {}).get("batch_size")
-            if batch_size is not None and int(batch_size) < 2:
-                raise ConfigError(
-                    f"method {self.name} pairs each sample's sorted logits with another sample "
-                    f"of the previous batch and needs data.batch_size >= 2, got {batch_size}"
-                )
+        if self.uses_dsr and ctx.batch_size is not None and ctx.batch_size < 2:
+            raise ConfigError(
+                f"method {self.name} pairs each sample's sorted logits with another sample "
+                f"of the previous batch and needs data.batch_size >= 2, got {ctx.batch_size}"
+            )
         if self.uses_drg:
             taps = self.params.taps
             if self.taps is not None:
@@ -255,17 +252,18 @@ class _DRGDSRBase(Method):
         if self.uses_dsr and info.step > 0 and self.prev_sorted is not None:
             prev = self.prev_sorted.to(logits.device)
         heads = list(ac_logits.items())
-        alpha = getattr(self.params, "alpha", 0.0)
-        tau_drg = getattr(self.params, "tau_drg", 1.0)
+        p = self.params
+        alpha, tau_drg = (p.alpha, p.tau_drg) if self.uses_drg else (0.0, 1.0)
+        beta, tau_dsr = (p.beta, p.tau_dsr) if self.uses_dsr else (0.0, 4.0)
         loss, terms = drg_dsr_loss(
             logits,
             batch.targets,
             heads[0][1] if heads else None,
             prev,
             alpha=alpha,
-            beta=getattr(self.params, "beta", 0.0),
+            beta=beta,
             tau_drg=tau_drg,
-            tau_dsr=getattr(self.params, "tau_dsr", 4.0),
+            tau_dsr=tau_dsr,
         )
         if len(heads) > 1:  # each further AC adds its CE and teaches the main head (eq. (8)-(10))
             first = heads[0][0]

@@ -25,7 +25,6 @@ Decisions:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +35,15 @@ from selfkd.errors import ConfigError
 from selfkd.losses.core import soft_target_ce
 from selfkd.losses.mixing import mixed_ce, mixed_targets
 from selfkd.losses.smoothing import SPREADS, label_smoothing_loss
-from selfkd.methods.base import METHODS, Batch, Method, MethodContext, StepInfo, StepOutput
+from selfkd.methods.base import (
+    METHODS,
+    Batch,
+    Method,
+    MethodContext,
+    StepInfo,
+    StepOutput,
+    check_number,
+)
 
 __all__ = ["LabelSmoothing", "LabelSmoothingParams"]
 
@@ -49,8 +56,7 @@ class LabelSmoothingParams:
     spread: str = "all"
 
     def validate(self) -> None:
-        if not math.isfinite(self.epsilon) or not 0.0 <= self.epsilon <= 1.0:
-            raise ConfigError(f"method.epsilon must be in [0, 1], got {self.epsilon}")
+        check_number("epsilon", self.epsilon, "unit")
         if self.spread not in SPREADS:
             raise ConfigError(
                 f"method.spread must be one of {', '.join(SPREADS)}, got {self.spread!r}"
@@ -64,9 +70,6 @@ class LabelSmoothing(Method):
     name = "label_smoothing"
     Params = LabelSmoothingParams
     mixing = "full"
-
-    def __init__(self, params: LabelSmoothingParams | None = None) -> None:
-        super().__init__(params)
 
     def setup(self, model: nn.Module, ctx: MethodContext) -> None:
         if self.params.spread == "others" and ctx.num_classes < 2:

@@ -20,7 +20,7 @@ Decisions:
   :class:`~selfkd.banks.PredictionBank` (N×K log-probabilities indexed by dataset index,
   ``bank_dtype`` float16 by default: CIFAR-100 takes 10 MB, ImageNet 2.6 GB instead of the
   official 5.1 GB fp32 CPU table). :meth:`PSKD.after_optimizer_step` overwrites the batch's rows
-  with that step's logits (one vectorized write; under DDP through the :attr:`PSKD.gather` hook
+  with that step's logits (one vectorized write; under DDP through the ``MethodContext.gather`` hook
   so all ranks hold the same rows).
 - The stored log-probabilities are turned back into probabilities with a softmax (not ``exp``),
   so every target row sums to 1 exactly even with fp16 rounding of the stored values.
@@ -47,7 +47,6 @@ Decisions:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +63,7 @@ from selfkd.methods.base import (
     MethodContext,
     StepInfo,
     StepOutput,
+    check_number,
     split_step,
 )
 
@@ -80,8 +80,7 @@ class PSKDParams:
     bank_topk: int | None = None
 
     def validate(self) -> None:
-        if not math.isfinite(self.alpha_T) or not 0.0 <= self.alpha_T <= 1.0:
-            raise ConfigError(f"method.alpha_T must be in [0, 1], got {self.alpha_T}")
+        check_number("alpha_T", self.alpha_T, "unit")
         if self.bank_dtype not in BANK_DTYPES:
             raise ConfigError(
                 f"method.bank_dtype must be one of {', '.join(BANK_DTYPES)}, "

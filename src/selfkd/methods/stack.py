@@ -62,6 +62,7 @@ from selfkd.methods.base import (
     MethodContext,
     StepInfo,
     StepOutput,
+    build_method,
     parse_params,
 )
 
@@ -76,8 +77,6 @@ REFUSED: dict[str, str] = {
     "phase-1 superior; a stack trains in one phase (stack pskd for its progressive part)",
     "stack": "a stack cannot hold a stack; list all parts in one stack",
 }
-
-LABEL_MIXES = ("mixup", "cutmix")
 
 
 def _part_entries(parts: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -210,11 +209,7 @@ class Stack(Method):
 
     def __init__(self, params: StackParams | None = None) -> None:
         super().__init__(params)
-        self.params.validate()
-        built = {}
-        for name, values in self.params.parts.items():
-            method_cls = METHODS.get(name)
-            built[name] = method_cls(parse_params(method_cls, values))
+        built = {name: build_method({"name": name, **v}) for name, v in self.params.parts.items()}
         self.parts = nn.ModuleDict(built)
         #: each part's StepOutput of the current step, for its after_optimizer_step
         self._outs: dict[str, StepOutput] = {}
@@ -226,25 +221,14 @@ class Stack(Method):
         self.rank_local_extra_state = any(p.rank_local_extra_state for p in self.parts.values())
 
     # --- the engine's hooks, forwarded to every part -----------------------------------------
-    @property
-    def gather(self) -> Any:
-        """DDP row-gather hook, handed to every part that has one (PS-KD's bank)."""
-        return next((p.gather for p in self.parts.values() if hasattr(p, "gather")), None)
-
-    @gather.setter
-    def gather(self, value: Any) -> None:
-        for part in self.parts.values():
-            if hasattr(part, "gather"):
-                part.gather = value
-
     def setup(self, model: nn.Module, ctx: MethodContext) -> None:
-        mix = ((ctx.config.get("data") or {}).get("mix") or {}).get("name")
-        if mix in LABEL_MIXES:
+        # every part gets the same context: its DDP hooks (gather, reduce_grads) included
+        if ctx.mix is not None and ctx.mix.changes_labels:
             for name, part in self.parts.items():
                 if part.mixing == "none":
                     raise ConfigError(
-                        f"method stack: part {name} cannot take data.mix={mix} (it has no loss "
-                        "for mixed labels); use cutout, drop data.mix or drop the part"
+                        f"method stack: part {name} cannot take data.mix={ctx.mix.name} (it has "
+                        "no loss for mixed labels); use cutout, drop data.mix or drop the part"
                     )
         for part in self.parts.values():
             part.setup(model, ctx)

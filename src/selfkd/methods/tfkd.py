@@ -48,7 +48,6 @@ Decisions:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +62,7 @@ from selfkd.methods.base import (
     MethodContext,
     StepInfo,
     StepOutput,
+    check_number,
     frozen_forward,
 )
 
@@ -71,18 +71,11 @@ __all__ = ["TFKDReg", "TFKDRegParams", "TFKDSelf", "TFKDSelfParams"]
 
 def _check_common(params: Any) -> None:
     """Checks shared by both TF-KD variants; ConfigError naming the key."""
-    if not math.isfinite(params.alpha) or not 0.0 <= params.alpha <= 1.0:
-        raise ConfigError(f"method.alpha must be in [0, 1], got {params.alpha}")
-    if not math.isfinite(params.temperature) or params.temperature <= 0:
-        raise ConfigError(f"method.temperature must be > 0, got {params.temperature}")
-    if not math.isfinite(params.multiplier) or params.multiplier < 0:
-        raise ConfigError(
-            f"method.multiplier must be a finite number >= 0, got {params.multiplier}"
-        )
-    if params.kd_weight is not None and (
-        not math.isfinite(params.kd_weight) or params.kd_weight < 0
-    ):
-        raise ConfigError(f"method.kd_weight must be a finite number >= 0, got {params.kd_weight}")
+    check_number("alpha", params.alpha, "unit")
+    check_number("temperature", params.temperature, "positive")
+    check_number("multiplier", params.multiplier, "nonnegative")
+    if params.kd_weight is not None:
+        check_number("kd_weight", params.kd_weight, "nonnegative")
 
 
 def _resolve_weight(params: Any, num_classes: int) -> float:
@@ -126,8 +119,7 @@ class TFKDRegParams:
 
     def validate(self) -> None:
         _check_common(self)
-        if not math.isfinite(self.correct_prob) or not 0.0 <= self.correct_prob <= 1.0:
-            raise ConfigError(f"method.correct_prob must be in [0, 1], got {self.correct_prob}")
+        check_number("correct_prob", self.correct_prob, "unit")
 
 
 @METHODS.register("tfkd_self", "tf-kd-self", "tfkd-self")

@@ -34,7 +34,6 @@ Decisions:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +48,7 @@ from selfkd.methods.base import (
     MethodContext,
     StepInfo,
     StepOutput,
+    check_number,
     no_autocast,
 )
 from selfkd.models import FeatureTaps, available_taps
@@ -67,10 +67,8 @@ class ZFLSParams:
     tap: str = "features"
 
     def validate(self) -> None:
-        if not math.isfinite(self.lam) or self.lam < 0:
-            raise ConfigError(f"method.lam of zfls must be a finite number >= 0, got {self.lam}")
-        if not math.isfinite(self.power) or self.power <= 0:
-            raise ConfigError(f"method.power of zfls must be > 0, got {self.power}")
+        check_number("lam", self.lam, "nonnegative", "zfls")
+        check_number("power", self.power, "positive", "zfls")
         if self.upsample not in UPSAMPLE_MODES:
             raise ConfigError(
                 f"method.upsample of zfls must be one of {', '.join(UPSAMPLE_MODES)}, "
