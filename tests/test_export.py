@@ -17,8 +17,8 @@ from selfkd.cli import main
 from selfkd.config import config_from_dict
 from selfkd.engine import Trainer
 from selfkd.engine.checkpoint import load_checkpoint
+from selfkd.engine.evaluate import collect_logits
 from selfkd.engine.export import export_run, load_model
-from selfkd.engine.trainer import collect_logits
 from selfkd.errors import CheckpointError, ConfigError, RunDirError
 
 

@@ -12,8 +12,15 @@ cosine schedule, so the epochs already trained would not belong to the new sched
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Collection
+from pathlib import Path
 from typing import Any
+
+from selfkd.config import Config
+from selfkd.engine import checkpoint as ckpt
+from selfkd.errors import ConfigError, SelfKDError
+from selfkd.methods import build_method
 
 #: top-level sections that record the environment (versions, host, ...), not a setting
 IGNORED_SECTIONS: frozenset[str] = frozenset({"meta"})
@@ -100,3 +107,43 @@ def describe_differences(found: list[tuple[str, Any, Any]], limit: int = 6) -> s
     if len(found) > limit:
         parts.append(f"and {len(found) - limit} more")
     return ", ".join(parts)
+
+
+def check_resume_config(
+    meta: dict[str, Any],
+    resolved: dict[str, Any],
+    method_name: str,
+    run_path: Path,
+    may_change: Collection[str] = (),
+) -> None:
+    """Refuse to resume ``run_path`` with a config (``resolved``) that shapes training otherwise
+    than its checkpoint's (``meta["config"]``): a ConfigError naming the keys."""
+    trained = meta.get("config")
+    if not isinstance(trained, dict):
+        return  # a checkpoint without its config (not written by the trainer)
+    defaults = Config().to_dict()
+    with contextlib.suppress(SelfKDError, TypeError, ValueError):
+        defaults["method"] = build_method({"name": method_name}).describe()
+    found = config_differences(trained, resolved, defaults, may_change=may_change)
+    if found:
+        raise ConfigError(
+            f"cannot resume {run_path}: its checkpoint was trained with another "
+            f"config in {describe_differences(found)}; resume with the config it was "
+            f"trained with ({run_path / 'config.yaml'}) or start a new run under "
+            "another run.name (only execution settings such as run.device, "
+            "data.eval_batch_size or run.progress may change on resume)"
+        )
+
+
+def load_for_resume(
+    run: Any,
+    map_location: Any,
+    resolved: dict[str, Any],
+    method_name: str,
+    may_change: Collection[str] = (),
+) -> tuple[dict[str, Any], Path]:
+    """The checkpoint to resume ``run`` (a RunDir) from (last.pt, or last.prev.pt when last.pt
+    is damaged) and its path, after :func:`check_resume_config` with this run's config."""
+    data, path = ckpt.load_latest(run.last, run.last_previous, map_location)
+    check_resume_config(data.get("meta", {}), resolved, method_name, run.path, may_change)
+    return data, path

@@ -279,6 +279,14 @@ class RunDir:
         clean = {k: _clean(v) for k, v in final.items()}
         self._write(FINAL, json.dumps(clean, indent=2, sort_keys=False) + "\n")
 
+    def write_failure(self, exc: BaseException, facts: dict[str, Any]) -> None:
+        """Mark the run as failed in final.json (reports list it; resuming is still possible),
+        with the error's first line and ``facts``; a file that cannot be written is let be."""
+        lines = str(exc).strip().splitlines()
+        error = f"{type(exc).__name__}: {lines[0] if lines else ''}"[:500]
+        with contextlib.suppress(OSError):
+            self.write_final({"status": "failed", "error": error, **facts})
+
     def logger(self, name: str, quiet: bool = False) -> logging.Logger:
         """A logger writing to RUN/train.log and (unless quiet) to stderr."""
         logger = logging.getLogger(f"selfkd.run.{name}.{os.getpid()}.{id(self)}")
@@ -304,6 +312,30 @@ def check_resumable(run: RunDir) -> None:
             f"nothing to resume in {run.path}: no run was started there (no config.yaml, no "
             "checkpoint); check run.name and run.out_dir, or drop --resume to start a new run"
         )
+
+
+def check_start(run: RunDir, resume: bool, overwrite: bool) -> tuple[bool, bool, bool]:
+    """Before any expensive work: refuse a folder that holds a run unless resuming or
+    overwriting it (RunDirError); a --resume of a run that stopped before its first checkpoint
+    starts it again. Returns ``(resume, overwrite, restarted)`` as they then hold."""
+    if run.holds_run() and not (resume or overwrite):
+        run.prepare(resume=False, overwrite=False)  # raises RunDirError
+    restarted = resume and not run.has_checkpoint()
+    if restarted:
+        check_resumable(run)
+        resume, overwrite = False, True
+    return resume, overwrite, restarted
+
+
+def open_run(
+    run: RunDir, *, is_main: bool, resume: bool, overwrite: bool, name: str, quiet: bool
+) -> logging.Logger:
+    """Lock and prepare ``run`` and return its log (rank 0); other ranks get a silent log."""
+    if not is_main:
+        return null_logger(name)
+    run.acquire()
+    run.prepare(resume=resume, overwrite=overwrite)
+    return run.logger(name, quiet=quiet)
 
 
 def _parse_cell(text: str) -> Any:
@@ -336,3 +368,24 @@ def close_logger(logger: logging.Logger) -> None:
     for handler in list(logger.handlers):
         handler.close()
         logger.removeHandler(handler)
+
+
+def null_logger(name: str) -> logging.Logger:
+    """A logger that writes nothing (ranks other than 0 under DDP)."""
+    logger = logging.getLogger(f"selfkd.run.{name}.{os.getpid()}.null")
+    logger.propagate = False
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+    return logger
+
+
+def abandon(run: RunDir | None, log: logging.Logger | None, created: bool) -> None:
+    """After a failed start: close the log, release the lock, and remove the run folder if this
+    process ``created`` it and it holds no run (only the log, lock, empty checkpoints folder)."""
+    if log is not None:
+        close_logger(log)
+    if run is None:
+        return
+    run.release()
+    if created and not run.holds_run():
+        run.remove_empty()

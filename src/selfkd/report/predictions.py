@@ -94,7 +94,7 @@ def collect_features(
 
 
 def _predict(run: Any, model: nn.Module, run_dir: Path, validation: bool = True) -> Predictions:
-    from selfkd.engine.trainer import collect_logits
+    from selfkd.engine.evaluate import collect_logits
 
     data = run.data
     logits, targets, features = collect_features(
