@@ -223,3 +223,52 @@ def test_meta_section_and_download_flag_do_not_split_settings(tmp_path):
         "ce: seed 0 has 2 finished runs that nothing recorded about the run tells apart (they "
         f"differ only in git_commit) ({first}, {later}); the mean uses {first} only"
     ) in text
+
+
+def _val_rows(run: Path, rows: list[dict]) -> None:
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_split_val_reads_the_last_validation_row_and_never_the_test_split(tmp_path, capsys):
+    """--split val: the means and paired differences come from each run's last metrics.jsonl
+    row that evaluated the validation split (a later row without val_* keys, a truncated line
+    and final.json's test numbers are not used)."""
+    val = {"ce": [20.0, 22.0], "pskd": [19.0, 21.5]}
+    for method, values in val.items():
+        for seed, value in enumerate(values):
+            run = fake_run(tmp_path, f"{method}-{seed}", {"name": method}, seed, top1=5.0)
+            _val_rows(
+                run,
+                [
+                    {"epoch": 1, "val_top1_err": 90.0, "val_nll": 2.0},
+                    {"epoch": 2, "val_top1_err": value, "val_nll": value / 10},
+                    {"epoch": 2, "train_loss": 0.1},  # no evaluation in this row
+                ],
+            )
+            with (run / "metrics.jsonl").open("a") as handle:
+                handle.write('{"epoch": 3, "val_top1')  # truncated line: skipped
+    assert main(["report", str(tmp_path), "--split", "val", "--baseline", "ce", "--no-cost"]) == 0
+    out = capsys.readouterr().out
+    assert "Validation split (held out of the training set), last epoch" in out
+    assert "Test split" not in out
+    ce = next(x for x in out.splitlines() if x.startswith("| ce | 2 | "))
+    mean, sd = statistics.fmean(val["ce"]), statistics.stdev(val["ce"])
+    assert f"{mean:.2f} ± {sd:.2f}" in ce and "5.00" not in ce
+    assert f"{statistics.fmean([2.0, 2.2]):.4f}" in ce  # NLL from the same rows
+    paired = out[out.index("Paired difference to ce") :]
+    # pskd - ce per seed: -1.0, -0.5; t_{0.975} with 1 dof = tan(0.475 pi)
+    diffs = [-1.0, -0.5]
+    m, s = statistics.fmean(diffs), statistics.stdev(diffs)
+    half = math.tan(0.475 * math.pi) * s / math.sqrt(2)
+    line = next(x for x in paired.splitlines() if x.startswith("| pskd | 2 | "))
+    assert line.split(" | ")[2] == f"{m:+.2f} [{m - half:+.2f}, {m + half:+.2f}] 2/2"
+
+
+def test_split_val_without_validation_rows_shows_no_values(tmp_path, capsys):
+    fake_run(tmp_path, "ce-0", {"name": "ce"}, 0, top1=5.0)  # no metrics.jsonl at all
+    assert main(["report", str(tmp_path), "--split", "val", "--no-cost"]) == 0
+    out = capsys.readouterr().out
+    assert "| ce | 1 |" in out and "5.00" not in out
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(tmp_path), "--split", "train"])
+    assert exc.value.code == 2

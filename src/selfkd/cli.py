@@ -130,9 +130,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from selfkd.errors import RunDirError
     from selfkd.report.table import csv_rows, group_runs, report, scan_runs
 
-    text = report(args.runs, cost=not args.no_cost, baseline=args.baseline)
+    text = report(args.runs, cost=not args.no_cost, baseline=args.baseline, split=args.split)
     if args.csv:  # built before anything is printed or written: a bad --baseline writes nothing
-        rows = csv_rows(group_runs(scan_runs(args.runs).runs), baseline=args.baseline)
+        groups = group_runs(scan_runs(args.runs).runs, split=args.split)
+        rows = csv_rows(groups, baseline=args.baseline)
         buffer = io.StringIO()
         if rows:
             writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
@@ -302,6 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="METHOD",
         help="add each method's paired difference to this one (same seeds): mean, 95%% "
         "t-interval, seeds won",
+    )
+    p.add_argument(
+        "--split",
+        choices=["test", "val"],
+        default="test",
+        help="the split the tables show: test (default) or val, the held-out part of the "
+        "training set (data.val_size > 0): choose variants on val, never on test",
     )
     p.set_defaults(func=cmd_report)
 

@@ -43,6 +43,10 @@ METRICS: list[tuple[str, str, bool]] = [
     ("nll_ts", "NLL+TS", True),
     ("aurc", "AURC (x1000)", True),
 ]
+#: the splits a report can show: the test split (final.json) or the validation split (the
+#: held-out part of the training set, data.val_size > 0; the last epoch's row of metrics.jsonl)
+SPLITS = ("test", "val")
+SPLIT_TITLES = {"test": "Test split", "val": "Validation split (held out of the training set)"}
 COST: list[tuple[str, str]] = [
     ("sec_per_iter", "s/iter"),
     ("parameters", "params"),
@@ -78,6 +82,7 @@ class Run:
     final: dict[str, Any] | None
     problem: str | None = None  # why the run's final.json cannot be read
     duplicate_of: Path | None = None  # another finished run of the same seed stands for it
+    _val_row: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def status(self) -> str:
@@ -92,6 +97,30 @@ class Run:
     @property
     def seed(self) -> Any:
         return (self.config.get("run") or {}).get("seed")
+
+    def value(self, key: str) -> Any:
+        """A final metric: ``test_*`` from final.json; ``val_*`` (never in final.json) from the
+        last metrics.jsonl row that evaluated the validation split (the last epoch's)."""
+        if key.startswith("val_") and self.status == "finished":
+            return self._last_val_row().get(key)
+        return (self.final or {}).get(key)
+
+    def _last_val_row(self) -> dict[str, Any]:
+        if self._val_row is None:
+            self._val_row = {}
+            try:
+                lines = (self.path / "metrics.jsonl").read_text().splitlines()
+            except (OSError, UnicodeDecodeError):
+                lines = []
+            for line in reversed(lines):
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and any(k.startswith("val_") for k in row):
+                    self._val_row = row
+                    break
+        return self._val_row
 
     def note(self) -> str:
         """One line on why this run is not in the means ('' for a finished run)."""
@@ -126,11 +155,16 @@ class Scan:
 class Group:
     label: str
     runs: list[Run] = field(default_factory=list)
+    split: str = "test"  # which split's metrics the tables show: test or val
+
+    def metric(self, name: str) -> list[float]:
+        """The finished runs' values of metric ``name`` on this group's split."""
+        return self.values(f"{self.split}_{name}")
 
     def values(self, key: str) -> list[float]:
         out = []
         for run in self.runs:
-            value = (run.final or {}).get(key)
+            value = run.value(key)
             if run.status == "finished" and isinstance(value, (int, float)):
                 out.append(float(value))
         return out
@@ -368,7 +402,8 @@ def _split_duplicate_seeds(group: Group) -> tuple[list[Group], list[str]]:
     for run in group.runs:
         values = tuple(variants[id(run)].get(k) for k in keys)
         shown = ", ".join(f"{k}={_shown(v)}" for k, v in zip(keys, values, strict=True))
-        parts.setdefault(values, Group(f"{group.label} [{shown}]" if keys else group.label))
+        label = f"{group.label} [{shown}]" if keys else group.label
+        parts.setdefault(values, Group(label, split=group.split))
         parts[values].runs.append(run)
     warnings = []
     if keys:
@@ -390,15 +425,20 @@ def _split_duplicate_seeds(group: Group) -> tuple[list[Group], list[str]]:
     return list(parts.values()), warnings
 
 
-def group_runs(runs: list[Run], warnings: list[str] | None = None) -> dict[str, list[Group]]:
+def group_runs(
+    runs: list[Run], warnings: list[str] | None = None, split: str = "test"
+) -> dict[str, list[Group]]:
     """Runs by setting, then by method label, with at most one finished run per seed in a
-    group (see :func:`_split_duplicate_seeds`; its warnings are appended to ``warnings``)."""
+    group (see :func:`_split_duplicate_seeds`; its warnings are appended to ``warnings``);
+    the groups' tables show ``split`` (test, or val: the held-out part of the training set)."""
+    if split not in SPLITS:
+        raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     settings: dict[str, dict[str, Group]] = {}
     for run in runs:
         setting = setting_key(run.config)
         label = method_label(run.config.get("method") or {})
         groups = settings.setdefault(setting, {})
-        groups.setdefault(label, Group(label)).runs.append(run)
+        groups.setdefault(label, Group(label, split=split)).runs.append(run)
     out: dict[str, list[Group]] = {}
     for setting, by_label in sorted(settings.items()):
         split: list[Group] = []
@@ -434,19 +474,15 @@ def seed_count(group: Group) -> int:
 
 def markdown_table(groups: list[Group]) -> str:
     """One setting's table; best mean in bold, second underlined (finished runs only)."""
-    present = [(k, t, low) for k, t, low in METRICS if any(g.values(f"test_{k}") for g in groups)]
+    present = [(k, t, low) for k, t, low in METRICS if any(g.metric(k) for g in groups)]
     rank: dict[tuple[str, str], int] = {}
     for key, _, lower in present:
         means = sorted(
-            {
-                round(mean_std(g.values(f"test_{key}"))[0], 6)
-                for g in groups
-                if g.values(f"test_{key}")
-            },
+            {round(mean_std(g.metric(key))[0], 6) for g in groups if g.metric(key)},
             reverse=not lower,
         )
         for group in groups:
-            vals = group.values(f"test_{key}")
+            vals = group.metric(key)
             if vals:
                 rank[(group.label, key)] = means.index(round(mean_std(vals)[0], 6))
     lines = [
@@ -460,7 +496,7 @@ def markdown_table(groups: list[Group]) -> str:
         )
         cells = []
         for key, _, _ in present:
-            vals = group.values(f"test_{key}")
+            vals = group.metric(key)
             if not vals:
                 cells.append("-")
                 continue
@@ -491,7 +527,7 @@ def cost_table(groups: list[Group]) -> str:
 def _by_seed(group: Group, key: str) -> dict[str, float]:
     out = {}
     for run in group.runs:
-        value = (run.final or {}).get(key)
+        value = run.value(key)
         if run.status == "finished" and isinstance(value, (int, float)):
             out[json.dumps(run.seed, default=str)] = float(value)
     return out
@@ -512,7 +548,8 @@ def paired_to_baseline(
             continue
         cells: dict[str, PairedDifference] = {}
         for key, _, lower in METRICS:
-            mine, theirs = _by_seed(group, f"test_{key}"), _by_seed(base, f"test_{key}")
+            mine = _by_seed(group, f"{group.split}_{key}")
+            theirs = _by_seed(base, f"{base.split}_{key}")
             seeds = sorted(set(mine) & set(theirs))
             if seeds:
                 cells[key] = paired_difference(
@@ -579,9 +616,10 @@ def csv_rows(settings: dict[str, list[Group]], baseline: str | None = None) -> l
                 "setting": setting,
                 "method": group.label,
                 "seeds": seed_count(group),
+                "split": group.split,
             }
             for key, _, _ in METRICS:
-                mean, std = mean_std(group.values(f"test_{key}"))
+                mean, std = mean_std(group.metric(key))
                 row[f"{key}_mean"], row[f"{key}_std"] = mean, std
             if baseline is not None:
                 cells = (paired.get(setting) or {}).get(group.label, {})
@@ -596,19 +634,21 @@ def csv_rows(settings: dict[str, list[Group]], baseline: str | None = None) -> l
     return rows
 
 
-def report(paths: list[str | Path], cost: bool = True, baseline: str | None = None) -> str:
+def report(
+    paths: list[str | Path], cost: bool = True, baseline: str | None = None, split: str = "test"
+) -> str:
     """The Markdown report over every run under ``paths`` (see the module docstring).
 
     Raises RunDirError when ``paths`` hold no run, ConfigError for a ``baseline`` that is no
     method of the runs or shares no seed with any other method."""
     scan = scan_runs(paths)
     warnings: list[str] = []
-    settings = group_runs(scan.runs, warnings)
+    settings = group_runs(scan.runs, warnings, split=split)
     paired = _check_baseline(settings, baseline) if baseline is not None else {}
     parts = []
     for setting, groups in settings.items():
         parts.append(
-            f"### {setting}\n\nTest split, last epoch, mean ± std over distinct seeds "
+            f"### {setting}\n\n{SPLIT_TITLES[split]}, last epoch, mean ± std over distinct seeds "
             "(sample std; n/a for one seed); best in bold, second underlined.\n"
         )
         parts.append(markdown_table(groups))
