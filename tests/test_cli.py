@@ -96,3 +96,21 @@ def test_train_then_eval(tmp_path, tiny_dict, capsys):
     assert "already holds a run" in one_line_error(capsys)
     assert main(["eval", str(tmp_path)]) == 2
     assert "not a run directory" in one_line_error(capsys)
+
+
+def test_output_into_a_closed_pipe_is_no_traceback():
+    """`selfkd configs list | head -1` where the reader has already gone: selfkd exits quietly
+    with 141 (128 + SIGPIPE), no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "selfkd", "configs", "list"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before selfkd (importing torch) writes a byte
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err
