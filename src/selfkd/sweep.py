@@ -69,6 +69,7 @@ from selfkd.config import (
 )
 from selfkd.engine.rundir import RunDir
 from selfkd.errors import ConfigError, RunInterrupted, SelfKDError
+from selfkd.locks import exclusive_lock
 from selfkd.registry import close_matches
 
 SWEEP_KEYS = ("base", "config", "name", "out_dir", "grid", "set", "runs", "description")
@@ -436,17 +437,8 @@ def run_lock(path: Path) -> Iterator[bool]:
 @contextlib.contextmanager
 def _record_lock(record: Path) -> Iterator[None]:
     """A blocking exclusive lock beside ``record`` (several sweep processes share it)."""
-    with open(record.parent / f".{record.name}.lock", "w") as handle:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no locking
-            yield
-            return
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with exclusive_lock(record.parent / f".{record.name}.lock"):
+        yield
 
 
 def read_failures(record: Path) -> dict[str, dict[str, Any]]:

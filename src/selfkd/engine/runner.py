@@ -28,6 +28,7 @@ from selfkd.engine import distributed as D
 from selfkd.engine.rundir import RunDir, check_resumable
 from selfkd.engine.trainer import Trainer
 from selfkd.errors import CheckpointError
+from selfkd.locks import exclusive_lock
 from selfkd.methods import Method, build_method
 
 PHASE1_DIR = "_phase1"
@@ -97,17 +98,8 @@ def phase1_lock(path: Path) -> Iterator[None]:
     """An exclusive lock (``<path>.lock``) held while a phase-1 run is checked or trained."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path = path.resolve()  # a phase-1 folder reached through a link shares its lock
-    with open(path.parent / f"{path.name}.lock", "w") as handle:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no locking
-            yield
-            return
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with exclusive_lock(path.parent / f"{path.name}.lock"):
+        yield
 
 
 def resolve_teacher(
