@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up (see scripts/setup.sh), then run the main job (configs/fashion_mnist/demo.yaml): on the
 # CPU, in the overfitting study regime, phase 1 (the plain-CE superior model, also the CE row),
-# AI-KD as published and AI-KD with its critic on probabilities, then a results table. Two sweep
+# AI-KD as published and AI-KD whose critic scores the student with batch statistics (the
+# variant chosen on the validation split), then a results table. Two sweep
 # processes share the work (both cores); rerunning skips finished runs and resumes interrupted
 # ones. Extra arguments are passed to both, e.g. --set run.seed=1.
 set -euo pipefail

@@ -23,7 +23,7 @@ def test_first_lines_give_the_two_commands_and_ci_runs_the_test_one():
 
 
 def test_main_job_is_ai_kd_as_published_and_its_critic_variant_in_the_study_regime():
-    """The demo sweep: two AI-KD students (paper defaults; critic on probabilities) of the
+    """The demo sweep: two AI-KD students (paper defaults; critic_bn_mode batch) of the
     study regime, both learning from the same phase-1 CE model (the table's CE row)."""
     from selfkd.sweep import load_sweep
 
@@ -31,7 +31,7 @@ def test_main_job_is_ai_kd_as_published_and_its_critic_variant_in_the_study_regi
     methods = [r.config.method for r in runs]
     assert methods == [
         {"name": "aikd", "superior": "auto"},
-        {"name": "aikd", "superior": "auto", "critic_input": "probs"},
+        {"name": "aikd", "superior": "auto", "critic_bn_mode": "batch"},
     ]
     for run in runs:
         assert run.config.data.per_class == 100 and run.config.train.epochs == 100

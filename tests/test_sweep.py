@@ -46,6 +46,8 @@ EXPECTED = {
     "cpu/fmnist_comparison.yaml": 54,
     "cpu/fmnist_bank_precision.yaml": 12,
     "cpu/fmnist_stack.yaml": 9,
+    "cpu/fmnist_aikd_search.yaml": 24,
+    "cpu/fmnist_aikd_verdict.yaml": 15,
 }
 
 
