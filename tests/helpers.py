@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from selfkd.config import config_from_dict
@@ -55,6 +56,20 @@ TINY: dict[str, Any] = {
 
 
 # --- run directories ----------------------------------------------------------------------------
+def write_config(path: Path, data: dict) -> Path:
+    """Write ``data`` as a YAML config file at ``path``."""
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    """The CLI's stderr, asserted to be one ``error: ...`` line without a traceback."""
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: "), err
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
 def is_time_column(key: str) -> bool:
     """Whether a metrics column holds a wall-clock time (``*seconds*`` or ``sec_per_iter``)."""
     return "seconds" in key or key == "sec_per_iter"

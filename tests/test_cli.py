@@ -6,21 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
+from helpers import one_line_error, write_config
 from selfkd.cli import main
-
-
-def write_config(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: "), err
-    assert "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 def test_list_shows_registries(capsys):

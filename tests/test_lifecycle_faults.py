@@ -11,27 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from helpers import metric_rows, read_final
+from helpers import metric_rows, one_line_error, read_final, write_config
 from selfkd.cli import main
 from selfkd.config import config_from_dict
 from selfkd.engine import Trainer, train
 from selfkd.engine import rundir as rundir_module
 from selfkd.errors import RunDirError, TrainingError
 from selfkd.methods.base import METHODS, Method, StepOutput
-
-
-def write_config(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: "), err
-    assert "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 def full_run(tiny_dict: dict) -> list[dict]:
