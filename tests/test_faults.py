@@ -91,8 +91,10 @@ def _run_cli(config: Path, *extra: str) -> subprocess.Popen:
 def test_sigkill_at_random_moments_then_resume_is_exact(tiny_dict, tmp_path, method):
     """SIGKILL three times, each at a different delay after an epoch's metrics row appears
     (around the checkpoint write), then resume to the end: the metrics equal an uninterrupted
-    run's. (AI-KD trains and reuses its phase-1 model; kills land in the student run.)"""
-    tiny_dict["train"]["epochs"] = 6
+    run's. (AI-KD trains and reuses its phase-1 model; kills land in the student run.) Twelve
+    epochs: on a fast CPU a tiny epoch takes milliseconds, and with six a resumed run could end
+    inside one poll-and-sleep window before its third kill."""
+    tiny_dict["train"]["epochs"] = 12
     tiny_dict["method"] = {"name": method}
     tiny_dict["run"]["threads"] = 1
     tiny_dict["run"]["name"] = "full"
