@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import pickle
 import struct
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dataset_writers import cifar_images, pickle_file
 from selfkd.data import (
     DATASETS,
     ArrayImageDataset,
@@ -33,32 +33,20 @@ DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 # --------------------------------------------------------------------------------------------
 # writers for the official on-disk formats
 # --------------------------------------------------------------------------------------------
-def _pickle(path: Path, obj: dict) -> None:
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)
-
-
-def _cifar_images(n: int, offset: int) -> np.ndarray:
-    """N×3072 uint8 whose first pixel encodes the global image number."""
-    data = np.random.default_rng(offset).integers(0, 256, size=(n, 3072), dtype=np.uint8)
-    data[:, 0] = (np.arange(n) + offset) % 256
-    return data
-
-
 @pytest.fixture
 def cifar100_root(tmp_path: Path) -> Path:
     d = tmp_path / "cifar-100-python"
     d.mkdir()
     fine = [f"fine{i}".encode() for i in range(100)]
     coarse = [f"coarse{i}".encode() for i in range(20)]
-    _pickle(d / "meta", {b"fine_label_names": fine, b"coarse_label_names": coarse})
+    pickle_file(d / "meta", {b"fine_label_names": fine, b"coarse_label_names": coarse})
     for split, per_class, offset in (("train", 3, 0), ("test", 1, 1000)):
         n = 100 * per_class
         fine_labels = [i % 100 for i in range(n)]
-        _pickle(
+        pickle_file(
             d / split,
             {
-                b"data": _cifar_images(n, offset),
+                b"data": cifar_images(n, offset),
                 b"fine_labels": fine_labels,
                 b"coarse_labels": [y // 5 for y in fine_labels],
                 b"filenames": [b"x.png"] * n,
@@ -75,14 +63,14 @@ def cifar10_root(tmp_path: Path) -> Path:
         n.encode()
         for n in ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
     ]
-    _pickle(d / "batches.meta", {b"label_names": names, b"num_cases_per_batch": 4})
+    pickle_file(d / "batches.meta", {b"label_names": names, b"num_cases_per_batch": 4})
     for i in range(1, 6):
         offset = 4 * (i - 1)
-        _pickle(
+        pickle_file(
             d / f"data_batch_{i}",
-            {b"data": _cifar_images(4, offset), b"labels": [(offset + j) % 10 for j in range(4)]},
+            {b"data": cifar_images(4, offset), b"labels": [(offset + j) % 10 for j in range(4)]},
         )
-    _pickle(d / "test_batch", {b"data": _cifar_images(6, 100), b"labels": list(range(6))})
+    pickle_file(d / "test_batch", {b"data": cifar_images(6, 100), b"labels": list(range(6))})
     return tmp_path
 
 
@@ -161,7 +149,7 @@ def test_cifar_errors_name_the_problem(cifar100_root: Path, tmp_path: Path) -> N
     (d / "test").unlink()
     with pytest.raises(DataError, match=r"cifar-100-python/test is missing"):
         DATASETS.get("cifar100")(str(cifar100_root))
-    _pickle(d / "test", {b"fine_labels": [0], b"coarse_labels": [0]})
+    pickle_file(d / "test", {b"fine_labels": [0], b"coarse_labels": [0]})
     with pytest.raises(DataError, match=r"cifar-100-python/test has no b'data'"):
         DATASETS.get("cifar100")(str(cifar100_root))
     (d / "test").write_bytes(b"\x80\x02garbage")
