@@ -293,6 +293,27 @@ def test_a_present_but_broken_dataset_is_not_downloaded_over(tmp_path, server, m
     assert server.requests == []
 
 
+def test_download_true_on_a_dataset_without_source_just_reads_it(tmp_path, server, monkeypatch):
+    """One ``data.download: true`` can serve a sweep that also has image folders: such a
+    dataset is read as is, and when it is missing its reader's error (not "cannot be
+    downloaded") says what to put where."""
+    from selfkd.data import build_data
+    from selfkd.errors import DataError
+
+    serve(server, monkeypatch, "cifar10", tmp_path)
+    root = tmp_path / "folders"
+    for split in ("train", "val"):
+        for cls in ("ant", "bird"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(2):
+                (root / split / cls / f"{i}.jpg").write_bytes(w.jpeg(seed=i))
+    bundle = build_data(name="imagefolder", root=str(root), download=True, batch_size=2)
+    assert bundle.num_classes == 2 and bundle.class_names == ["ant", "bird"]
+    with pytest.raises(DataError, match=r"image folder .*nowhere/train is missing"):
+        build_data(name="imagefolder", root=str(tmp_path / "nowhere"), download=True)
+    assert server.requests == [] and not (tmp_path / "nowhere").exists()
+
+
 def test_download_of_a_dataset_without_source_is_a_config_error(capsys):
     assert main(["data", "get", "imagefolder"]) == 2
     assert "cannot be downloaded (it reads your own folders)" in one_line_error(capsys)

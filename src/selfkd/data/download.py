@@ -29,7 +29,6 @@ error messages name. ``$SELFKD_DATA_MIRROR`` replaces every URL by ``<mirror>/<f
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import http.client
 import os
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from selfkd.errors import ConfigError, DataError
+from selfkd.locks import exclusive_lock
 
 __all__ = ["SOURCES", "Resource", "Source", "fetch_dataset", "load_with_download", "sources"]
 
@@ -448,18 +448,6 @@ def _obtain(src: Source, res: Resource, parent: Path, work: Path, progress: bool
     )
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                path.unlink()
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _install(folder: Path, target: Path) -> None:
     """Move the finished ``folder`` onto ``target``: one rename, or file by file into an
     existing folder (IDX files), never replacing a file already there."""
@@ -494,7 +482,7 @@ def fetch_dataset(
     created = [p for p in (parent, *parent.parents) if not p.exists()]
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        with _locked(parent / f".{target.name}.download.lock"):
+        with exclusive_lock(parent / f".{target.name}.download.lock", remove=True):
             if src.present(target):  # another process finished it meanwhile
                 return target
             if work.exists():
@@ -529,10 +517,13 @@ def load_with_download(name: str, root: str | None, load: Callable[[], Any]) -> 
     """``load()``; when it fails because the dataset is absent, download it and load again.
 
     A dataset that is present but broken is not downloaded over: its reader's error stands.
+    A dataset without a download source (imagefolder, imagenet, synthetic) is only loaded, so
+    that one ``data.download: true`` can serve a sweep over several datasets; when its files
+    are missing, its reader's error says where they go.
     """
-    src = source(name) if name != "synthetic" else None
-    if src is None:
+    if name not in SOURCES:
         return load()
+    src = SOURCES[name]
     try:
         return load()
     except DataError:
