@@ -287,9 +287,18 @@ def test_one_vs_two_processes_same_global_batch(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["cskd", "dlb"])
-def test_cskd_sampler_and_dlb_run_under_two_processes(tmp_path: Path, method: str) -> None:
-    cfg = config(tmp_path, method, {"name": method}, train__epochs=2)
+@pytest.mark.parametrize(
+    ("method", "spec"),
+    [
+        ("cskd", {"name": "cskd"}),
+        ("dlb", {"name": "dlb"}),
+        ("stack", {"name": "stack", "parts": {"pskd": {}, "drg": {}}}),  # a bank + hooks + heads
+    ],
+)
+def test_cskd_sampler_dlb_and_a_stack_run_under_two_processes(
+    tmp_path: Path, method: str, spec: dict[str, Any]
+) -> None:
+    cfg = config(tmp_path, method, spec, train__epochs=2)
     torchrun(tmp_path, [{"config": cfg, "dump": str(tmp_path / "d")}], method)
     assert final(tmp_path / "d", 0)["status"] == "finished"
     assert_ranks_identical(tmp_path / "d", 2)
