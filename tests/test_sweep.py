@@ -49,6 +49,7 @@ EXPECTED = {
     "cpu/fmnist_aikd_search.yaml": 24,
     "cpu/fmnist_aikd_verdict.yaml": 15,
     "cpu/fmnist_aikd_regime2.yaml": 15,
+    "cpu/fmnist_aikd_regime3.yaml": 15,
 }
 
 
