@@ -189,31 +189,7 @@ class Trainer:
         if sampler is not None:
             self.data.train_loader.set_batch_sampler(sampler)
         self.steps_per_epoch = steps = steps_per_epoch(self.data, cfg)
-        ctx = MethodContext(
-            num_classes=self.data.num_classes,
-            num_train=self.data.num_train,
-            train_labels=self.data.train_labels,
-            epochs=cfg.train.epochs,
-            steps_per_epoch=steps,
-            device=self.device,
-            build_model=self._fresh_model,
-            load_model=self.load_compatible_model,
-            config=cfg.to_dict(),
-            run_dir=self.run.path,
-            input_shape=input_shape(self.data),
-            rank=self.rank,
-            world_size=self.world_size,
-            reduce_grads=D.reduce_grads if self.world_size > 1 else None,
-            # every rank's rows fit in its batch: no count exchange, no host read
-            gather=(
-                functools.partial(D.all_gather_rows, cap=self.batch_size)
-                if self.world_size > 1
-                else None
-            ),
-            batch_size=self.batch_size,
-            mix=cfg.data.mix_spec,
-        )
-        self.method.setup(self.model, ctx)
+        self.method.setup(self.model, self._method_context())
         self.method.to(self.device)
         #: run.channels_last in effect (not where the CPU's kernels get it wrong: device.py)
         self.channels_last = runtime.set_channels_last(
@@ -264,6 +240,33 @@ class Trainer:
             self.run.write_config({**self.resolved_config(), "meta": self.run_meta})
 
     # --- construction -----------------------------------------------------------------------
+    def _method_context(self) -> MethodContext:
+        """What the method may know of this run (its data, schedule, process and DDP hooks)."""
+        return MethodContext(
+            num_classes=self.data.num_classes,
+            num_train=self.data.num_train,
+            train_labels=self.data.train_labels,
+            epochs=self.cfg.train.epochs,
+            steps_per_epoch=self.steps_per_epoch,
+            device=self.device,
+            build_model=self._fresh_model,
+            load_model=self.load_compatible_model,
+            config=self.cfg.to_dict(),
+            run_dir=self.run.path,
+            input_shape=input_shape(self.data),
+            rank=self.rank,
+            world_size=self.world_size,
+            reduce_grads=D.reduce_grads if self.world_size > 1 else None,
+            # every rank's rows fit in its batch: no count exchange, no host read
+            gather=(
+                functools.partial(D.all_gather_rows, cap=self.batch_size)
+                if self.world_size > 1
+                else None
+            ),
+            batch_size=self.batch_size,
+            mix=self.cfg.data.mix_spec,
+        )
+
     def _fresh_model(self) -> nn.Module:
         """A new, untrained model of this run's architecture, on the device."""
         return fresh_model(
