@@ -8,6 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locking
+    fcntl = None
+
 
 @contextlib.contextmanager
 def exclusive_lock(lock_file: Path, *, remove: bool = False) -> Iterator[None]:
@@ -20,12 +25,10 @@ def exclusive_lock(lock_file: Path, *, remove: bool = False) -> Iterator[None]:
     (or none) and waits again on the path's current file, so that two processes never hold the
     lock at once.
     """
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no locking
+    if fcntl is None:
         yield
         return
-    handle = _acquire(lock_file, fcntl)
+    handle = _acquire(lock_file)
     try:
         yield
     finally:
@@ -36,7 +39,7 @@ def exclusive_lock(lock_file: Path, *, remove: bool = False) -> Iterator[None]:
         handle.close()
 
 
-def _acquire(lock_file: Path, fcntl) -> IO[str]:
+def _acquire(lock_file: Path) -> IO[str]:
     """Open ``lock_file`` and lock it, retrying until the locked file is still the one the path
     names (a holder using ``remove`` may delete it between our open and our lock)."""
     while True:

@@ -11,6 +11,7 @@ from selfkd.losses.byot import byot_loss, feature_hint_loss
 from selfkd.losses.core import (
     adversarial_loss,
     aikd_loss,
+    freeze,
     frozen,
     gradient_penalty,
     soft_target_ce,
@@ -40,6 +41,7 @@ __all__ = [
     "dlb_loss",
     "drg_dsr_loss",
     "feature_hint_loss",
+    "freeze",
     "frozen",
     "gradient_penalty",
     "label_smoothing_loss",

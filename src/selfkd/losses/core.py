@@ -20,6 +20,7 @@ from torch import Tensor, nn
 __all__ = [
     "adversarial_loss",
     "aikd_loss",
+    "freeze",
     "frozen",
     "gradient_penalty",
     "soft_target_ce",
@@ -69,6 +70,15 @@ def soft_target_ce(logits: Tensor, target_probs: Tensor) -> Tensor:
         )
     log_q = F.log_softmax(logits.float(), dim=1)
     return -(target_probs.detach().float() * log_q).sum(dim=1).mean()
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no parameter gradient for ``model``, for good (see :func:`frozen` for a
+    ``with`` block); returns it."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from selfkd.errors import ConfigError, ModelError
+from selfkd.losses.core import freeze
 from selfkd.losses.mixing import mixed_ce, split_loss
 from selfkd.mixspec import MixSpec, parse_mix, split_rule
 from selfkd.registry import Registry
@@ -258,14 +259,6 @@ def check_number(key: str, value: float, rule: str, method: str = "") -> None:
     if not (math.isfinite(value) and test(value)):
         where = f" of {method}" if method else ""
         raise ConfigError(f"method.{key}{where} must be {wording}, got {value}")
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """Eval mode and no parameter gradient for ``model``; returns it."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from selfkd.losses.core import freeze
+
 
 class PreviousEpochModel:
     """A frozen copy of a model taken at the start of each epoch (= the end of the previous one).
@@ -32,11 +34,7 @@ class PreviousEpochModel:
         if epoch == 0:
             self.model = None
             return
-        snap = copy.deepcopy(model)
-        snap.eval()
-        for p in snap.parameters():
-            p.requires_grad_(False)
-        self.model = snap
+        self.model = freeze(copy.deepcopy(model))
 
     @torch.no_grad()
     def probs(self, **inputs: Any) -> Tensor | None:
