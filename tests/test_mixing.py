@@ -21,6 +21,7 @@ from selfkd.methods.aikd import AIKD
 from selfkd.methods.base import Batch, MethodContext, StepInfo, parse_params
 from selfkd.methods.label_smoothing import LabelSmoothing
 from selfkd.methods.pskd import PSKD
+from selfkd.mixspec import parse_mix, split_rule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "methods"
 
@@ -293,11 +294,11 @@ def test_method_without_mixing_refuses_cutmix(tiny_dict) -> None:
         Trainer(config_from_dict(tiny_dict), quiet=True)
     assert not (Path(tiny_dict["run"]["out_dir"]) / "tiny").exists()
     # cutout changes no label: every method takes it, on the whole batch
-    mixer = Mixer.from_config({"name": "cutout"})
-    assert mixer is not None and mixer.split_for("dlb", "none") is False
-    assert mixer.split_for("pskd", "split") is True
+    cutout = parse_mix({"name": "cutout"})
+    assert cutout is not None and split_rule(cutout, "dlb", "none") is False
+    assert split_rule(cutout, "pskd", "split") is True
     with pytest.raises(ConfigError, match="split rule"):
-        Mixer("cutmix", split=False).split_for("pskd", "split")
+        split_rule(parse_mix({"name": "cutmix", "split": False}), "pskd", "split")
 
 
 def rows_of(run: Path) -> list[dict]:

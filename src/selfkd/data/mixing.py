@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from selfkd.errors import DataError
-from selfkd.mixspec import MIXES, MIXING_MODES, MixSpec, check_mix_values, parse_mix, split_rule
+from selfkd.mixspec import MIXES, MIXING_MODES, MixSpec, check_mix_values, parse_mix
 from selfkd.steps import MixInfo
 
 __all__ = ["MIXES", "MIXING_MODES", "MixInfo", "MixSpec", "Mixer", "sample_beta"]
@@ -116,11 +116,6 @@ class Mixer:
             size = max(1, int(side) // 2)
         return cls(spec.name, spec.alpha, size, spec.prob, spec.split)
 
-    @property
-    def changes_labels(self) -> bool:
-        """Whether the augmentation mixes labels (mixup, cutmix) or keeps them (cutout)."""
-        return self.name != "cutout"
-
     def describe(self, split: bool | None = None) -> dict[str, Any]:
         """The resolved ``data.mix`` section (a valid config again)."""
         out: dict[str, Any] = {"name": self.name}
@@ -131,13 +126,6 @@ class Mixer:
         out["prob"] = self.prob
         out["split"] = self.split if split is None else split
         return out
-
-    def split_for(self, method: str, mixing: str) -> bool:
-        """Whether a method whose ``Method.mixing`` is ``mixing`` gets split batches
-        (:func:`selfkd.mixspec.split_rule`; the engine asks :func:`selfkd.methods.base.mix_split`,
-        whose refusal also names the methods that take the augmentation)."""
-        spec = MixSpec(self.name, self.alpha, self.size, self.prob, self.split)
-        return split_rule(spec, method, mixing)
 
     def __repr__(self) -> str:
         return f"Mixer({self.describe()})"
